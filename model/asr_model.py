@@ -1,0 +1,65 @@
+"""The U2++ model: Conformer encoder, CTC head and bidirectional attention decoder, jointly trained."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from u2moe.model.cmvn import GlobalCMVN
+from u2moe.model.config import ModelConfig
+from u2moe.model.ctc import CTC
+from u2moe.model.decoder import BiTransformerDecoder
+from u2moe.model.encoder import ConformerEncoder
+from u2moe.model.label_smoothing import LabelSmoothingLoss
+from u2moe.model.moe import MoEFeedForward
+from u2moe.model.targets import add_sos_eos, reverse_padded
+
+
+class U2Model(nn.Module):
+    def __init__(self, cfg: ModelConfig, cmvn: GlobalCMVN | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.sos = self.eos = cfg.vocab_size - 1
+        self.encoder = ConformerEncoder(cfg.encoder, cmvn)
+        dim = cfg.encoder.output_size
+        self.decoder = BiTransformerDecoder(cfg.vocab_size, dim, cfg.decoder)
+        self.ctc = CTC(cfg.vocab_size, dim)
+        self.criterion_att = LabelSmoothingLoss(cfg.vocab_size, cfg.lsm_weight, cfg.length_normalized_loss)
+        # A plain list (not a ModuleList): a view of submodules, not a second registration.
+        self._moe_layers = [(n, m) for n, m in self.named_modules() if isinstance(m, MoEFeedForward)]
+
+    def moe_layers(self) -> list[tuple[str, MoEFeedForward]]:
+        return self._moe_layers
+
+    def forward(self, feats: torch.Tensor, feats_lengths: torch.Tensor, target: torch.Tensor,
+                target_lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Joint loss, U2++ style; each term is returned for logging.
+
+        loss = ctc_weight * ctc + (1 - ctc_weight) * ((1 - reverse_weight) * l2r + reverse_weight * r2l)
+        (+ the routers' balancing losses when enabled).
+        """
+        cfg = self.cfg
+        memory, valid = self.encoder(feats, feats_lengths)
+        out: dict[str, torch.Tensor] = {}
+        memory_lens = valid.sum(dim=1)
+        loss_ctc = self.ctc(memory, memory_lens, target, target_lengths)
+        ys_in, ys_out = add_sos_eos(target, target_lengths, self.sos, self.eos)
+        r_ys_in = r_ys_out = None
+        if cfg.reverse_weight > 0:
+            r_ys_in, r_ys_out = add_sos_eos(reverse_padded(target, target_lengths), target_lengths,
+                                            self.sos, self.eos)
+        l2r, r2l = self.decoder(memory, valid, ys_in, target_lengths + 1, r_ys_in)
+        loss_l2r = self.criterion_att(l2r, ys_out)
+        loss_att = loss_l2r
+        if r2l is not None:
+            loss_r2l = self.criterion_att(r2l, r_ys_out)
+            loss_att = (1 - cfg.reverse_weight) * loss_l2r + cfg.reverse_weight * loss_r2l
+            out["loss_r2l"] = loss_r2l.detach()
+        loss = cfg.ctc_weight * loss_ctc + (1 - cfg.ctc_weight) * loss_att
+        aux = [m.aux_loss for _, m in self.moe_layers() if m.aux_loss is not None]
+        if aux:
+            out["loss_moe_aux"] = torch.stack(aux).sum()
+            loss = loss + out["loss_moe_aux"]
+            out["loss_moe_aux"] = out["loss_moe_aux"].detach()
+        out.update(loss=loss, loss_ctc=loss_ctc.detach(), loss_att=loss_att.detach(),
+                   loss_l2r=loss_l2r.detach())
+        return out

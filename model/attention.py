@@ -1,0 +1,98 @@
+"""Multi-head attention, plain (decoder) and with relative positions (Conformer encoder).
+
+Both run on `scaled_dot_product_attention` so that fused kernels apply on GPUs; masks use the
+project's convention (True = may attend) and become an additive bias with a finite floor, so a
+query row with nothing to attend (a padded frame) yields finite values instead of NaN.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _additive_bias(mask: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
+    keep = mask.unsqueeze(1)  # [B, 1, Tq|1, Tk], broadcast over heads
+    floor = torch.finfo(dtype).min
+    base = bias if bias is not None else torch.zeros((), dtype=dtype, device=mask.device)
+    return torch.where(keep, base, torch.tensor(floor, dtype=dtype, device=mask.device))
+
+
+class MultiHeadedAttention(nn.Module):
+    def __init__(self, num_heads: int, dim: int, dropout_rate: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.d_k = dim // num_heads
+        self.linear_q = nn.Linear(dim, dim)
+        self.linear_k = nn.Linear(dim, dim)
+        self.linear_v = nn.Linear(dim, dim)
+        self.linear_out = nn.Linear(dim, dim)
+        self.dropout_rate = dropout_rate
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.size(0), -1, self.num_heads, self.d_k).transpose(1, 2)
+
+    def _project(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Heads of q, k, v; the cache [B, H, Tc, 2*d_k] holds earlier keys and values."""
+        q = self._heads(self.linear_q(query))
+        k = self._heads(self.linear_k(key))
+        v = self._heads(self.linear_v(value))
+        if cache is not None and cache.size(2) > 0:
+            k_cache, v_cache = cache.split(self.d_k, dim=-1)
+            k = torch.cat([k_cache, k], dim=2)
+            v = torch.cat([v_cache, v], dim=2)
+        return q, k, v, torch.cat([k, v], dim=-1)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=_additive_bias(mask, q.dtype, bias),
+            dropout_p=self.dropout_rate if self.training else 0.0,
+        )
+        out = out.transpose(1, 2).reshape(q.size(0), -1, self.num_heads * self.d_k)
+        return self.linear_out(out)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """mask: [B, Tq, Tk] or [B, 1, Tk], True where attention is allowed."""
+        q, k, v, new_cache = self._project(query, key, value, cache)
+        return self._attend(q, k, v, mask), new_cache
+
+
+class RelPositionMultiHeadedAttention(MultiHeadedAttention):
+    """Transformer-XL attention: content term (q + u)k^T plus position term (q + v)R^T.
+
+    `pos_emb` encodes the distances num_keys-1 ... -(num_queries-1) (see RelPositionalEncoding);
+    the position term is computed once per distance and shifted onto (query, key) pairs.
+    """
+
+    def __init__(self, num_heads: int, dim: int, dropout_rate: float):
+        super().__init__(num_heads, dim, dropout_rate)
+        self.linear_pos = nn.Linear(dim, dim, bias=False)
+        self.pos_bias_u = nn.Parameter(torch.empty(num_heads, self.d_k))
+        self.pos_bias_v = nn.Parameter(torch.empty(num_heads, self.d_k))
+        nn.init.xavier_uniform_(self.pos_bias_u)
+        nn.init.xavier_uniform_(self.pos_bias_v)
+
+    @staticmethod
+    def rel_shift(scores: torch.Tensor, num_keys: int) -> torch.Tensor:
+        """[B, H, Tq, Tk+Tq-1] per distance -> [B, H, Tq, Tk] per key: out[i, j] = in[i, Tq-1-i+j]."""
+        scores = scores.contiguous()
+        b, h, tq, p = scores.shape
+        return scores.as_strided(
+            (b, h, tq, num_keys), (h * tq * p, tq * p, p - 1, 1),
+            storage_offset=scores.storage_offset() + tq - 1,
+        )
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                pos_emb: torch.Tensor | None = None, cache: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v, new_cache = self._project(query, key, value, cache)
+        pos = self._heads(self.linear_pos(pos_emb))  # [1, H, Tk+Tq-1, d_k]
+        bias = torch.matmul(q + self.pos_bias_v.unsqueeze(1), pos.transpose(-2, -1))
+        bias = self.rel_shift(bias, k.size(2)) / math.sqrt(self.d_k)
+        return self._attend(q + self.pos_bias_u.unsqueeze(1), k, v, mask, bias), new_cache

@@ -1,0 +1,55 @@
+"""Attention decoders: a left-to-right Transformer decoder, and U2++'s bidirectional pair."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from u2moe.model.config import DecoderConfig
+from u2moe.model.decoder_layer import DecoderLayer
+from u2moe.model.embedding import PositionalEncoding
+from u2moe.model.mask import make_non_pad_mask, subsequent_mask
+
+
+class TransformerDecoder(nn.Module):
+    def __init__(self, vocab_size: int, dim: int, num_blocks: int, cfg: DecoderConfig):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.pos_enc = PositionalEncoding(dim, cfg.positional_dropout_rate)
+        self.decoders = nn.ModuleList(DecoderLayer(dim, cfg) for _ in range(num_blocks))
+        self.after_norm = nn.LayerNorm(dim)
+        self.output_layer = nn.Linear(dim, vocab_size)
+
+    def forward(self, memory: torch.Tensor, memory_valid: torch.Tensor, ys_in: torch.Tensor,
+                ys_in_lens: torch.Tensor) -> torch.Tensor:
+        """memory [B, T, D], memory_valid [B, T], ys_in [B, L] (<sos> + tokens) -> logits [B, L, V]."""
+        tgt_valid = make_non_pad_mask(ys_in_lens, ys_in.size(1))
+        tgt_mask = tgt_valid.unsqueeze(1) & subsequent_mask(ys_in.size(1), ys_in.device).unsqueeze(0)
+        memory_mask = memory_valid.unsqueeze(1)
+        x = self.pos_enc(self.embed(ys_in))
+        for layer in self.decoders:
+            x = layer(x, tgt_mask, memory, memory_mask, tgt_valid)
+        return self.output_layer(self.after_norm(x))
+
+
+class BiTransformerDecoder(nn.Module):
+    """Left-to-right and right-to-left decoders over the same encoder output (U2++).
+
+    The right-to-left decoder is trained on reversed targets; at rescoring time both score each
+    hypothesis, giving the future context a left-to-right decoder cannot see.
+    """
+
+    def __init__(self, vocab_size: int, dim: int, cfg: DecoderConfig):
+        super().__init__()
+        self.left_decoder = TransformerDecoder(vocab_size, dim, cfg.num_blocks, cfg)
+        self.right_decoder = (
+            TransformerDecoder(vocab_size, dim, cfg.r_num_blocks, cfg) if cfg.r_num_blocks > 0 else None
+        )
+
+    def forward(self, memory: torch.Tensor, memory_valid: torch.Tensor, ys_in: torch.Tensor,
+                ys_in_lens: torch.Tensor, r_ys_in: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        left = self.left_decoder(memory, memory_valid, ys_in, ys_in_lens)
+        right = None
+        if r_ys_in is not None and self.right_decoder is not None:
+            right = self.right_decoder(memory, memory_valid, r_ys_in, ys_in_lens)
+        return left, right

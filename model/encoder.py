@@ -1,0 +1,51 @@
+"""Conformer encoder: CMVN -> Conv2d subsampling -> relative-position Conformer blocks."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from u2moe.model.cmvn import GlobalCMVN
+from u2moe.model.config import EncoderConfig
+from u2moe.model.embedding import RelPositionalEncoding
+from u2moe.model.encoder_layer import ConformerEncoderLayer
+from u2moe.model.mask import attention_mask, choose_chunk, make_non_pad_mask
+from u2moe.model.subsampling import Conv2dSubsampling
+
+
+class ConformerEncoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig, cmvn: GlobalCMVN | None = None):
+        super().__init__()
+        self.cfg = cfg
+        # Always present so that checkpoints have one layout; identity statistics until set.
+        self.global_cmvn = cmvn or GlobalCMVN(torch.zeros(cfg.input_size), torch.ones(cfg.input_size))
+        self.embed = Conv2dSubsampling(cfg.input_size, cfg.output_size, cfg.subsampling)
+        self.pos_enc = RelPositionalEncoding(cfg.output_size, cfg.positional_dropout_rate)
+        self.encoders = nn.ModuleList(ConformerEncoderLayer(cfg) for _ in range(cfg.num_blocks))
+        self.after_norm = nn.LayerNorm(cfg.output_size)
+
+    def output_size(self) -> int:
+        return self.cfg.output_size
+
+    def forward(self, xs: torch.Tensor, xs_lens: torch.Tensor, decoding_chunk_size: int = 0,
+                num_decoding_left_chunks: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+        """xs [B, T, F] fbank; returns encoder output [B, T', D] and valid frames [B, T'].
+
+        In training the chunk size follows the config (dynamic or static chunks); at inference
+        `decoding_chunk_size` > 0 gives the chunk-masked forward that streaming reproduces.
+        """
+        xs = self.embed(self.global_cmvn(xs))
+        lens = self.embed.output_lengths(xs_lens)
+        valid = make_non_pad_mask(lens, xs.size(1))
+        xs, pos_emb = self.pos_enc(xs)
+        cfg = self.cfg
+        chunk, left = choose_chunk(
+            xs.size(1), use_dynamic_chunk=cfg.use_dynamic_chunk,
+            use_dynamic_left_chunk=cfg.use_dynamic_left_chunk, max_chunk_size=cfg.max_chunk_size,
+            full_context_prob=cfg.full_context_prob, static_chunk_size=cfg.static_chunk_size,
+            decoding_chunk_size=decoding_chunk_size, num_decoding_left_chunks=num_decoding_left_chunks,
+            training=self.training,
+        )
+        mask = attention_mask(valid, chunk, left)
+        for layer in self.encoders:
+            xs, _, _ = layer(xs, mask, pos_emb, valid)
+        return self.after_norm(xs), valid

@@ -1,0 +1,48 @@
+"""Top-k router: which experts see each frame, and with what weight."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Routing:
+    expert_ids: torch.Tensor  # [N, k] int64, the chosen experts of each frame
+    weights: torch.Tensor  # [N, k] float32, softmax over the chosen logits only
+    aux_loss: torch.Tensor | None  # weighted load-balancing loss, when enabled
+
+
+class TopKRouter(nn.Module):
+    def __init__(self, dim: int, num_experts: int, top_k: int,
+                 noise_std: float = 0.0, aux_loss_weight: float = 0.0):
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.noise_std = noise_std
+        self.aux_loss_weight = aux_loss_weight
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # nn.Linear's default
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        # Routing decisions are made in fp32 whatever the training precision: in bf16, near-ties
+        # between experts flip from step to step and from rank to rank.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+        if self.training and self.noise_std > 0:
+            logits = logits + torch.randn_like(logits) * self.noise_std
+        top_logits, expert_ids = logits.topk(self.top_k, dim=-1)
+        weights = top_logits.softmax(dim=-1)
+        aux_loss = None
+        if self.training and self.aux_loss_weight > 0 and x.size(0) > 0:
+            aux_loss = self.aux_loss_weight * self._load_balancing_loss(logits, expert_ids)
+        return Routing(expert_ids=expert_ids, weights=weights, aux_loss=aux_loss)
+
+    def _load_balancing_loss(self, logits: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Switch-Transformer loss E * sum_i f_i * P_i; equals 1 when the load is uniform."""
+        probs = logits.softmax(dim=-1).mean(dim=0)
+        counts = torch.bincount(expert_ids.reshape(-1), minlength=self.num_experts)
+        fraction = counts.float() / expert_ids.numel()
+        return self.num_experts * (fraction * probs).sum()

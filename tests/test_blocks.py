@@ -1,0 +1,130 @@
+"""Shapes, masks and invariances of the encoder and decoder building blocks."""
+import math
+
+import pytest
+import torch
+
+from u2moe.config import load_config
+from u2moe.model.attention import RelPositionMultiHeadedAttention
+from u2moe.model.convolution import ConvolutionModule
+from u2moe.model.decoder import TransformerDecoder
+from u2moe.model.embedding import RelPositionalEncoding, sinusoid
+from u2moe.model.encoder import ConformerEncoder
+from u2moe.model.subsampling import Conv2dSubsampling
+
+
+@pytest.mark.parametrize("rate,context", [(4, 6), (6, 10), (8, 14)])
+def test_subsampling_lengths_and_right_context(rate, context):
+    sub = Conv2dSubsampling(80, 16, rate)
+    assert sub.subsampling_rate == rate and sub.right_context == context
+    for t in (context + 1, 50, 101, 257):
+        out = sub(torch.randn(2, t, 80))
+        assert out.shape == (2, int(sub.output_lengths(torch.tensor(t))), 16)
+    # One output frame needs exactly right_context + 1 input frames.
+    assert int(sub.output_lengths(torch.tensor(context + 1))) == 1
+    assert int(sub.output_lengths(torch.tensor(context))) == 0
+
+
+def test_rel_shift_maps_distances_to_pairs():
+    tq, tk = 3, 5
+    p = tk + tq - 1
+    scores = torch.arange(2 * 1 * tq * p, dtype=torch.float32).view(2, 1, tq, p)
+    out = RelPositionMultiHeadedAttention.rel_shift(scores, tk)
+    for i in range(tq):
+        for j in range(tk):
+            assert torch.equal(out[:, :, i, j], scores[:, :, i, tq - 1 - i + j])
+
+
+def test_rel_position_attention_matches_direct_formula():
+    torch.manual_seed(0)
+    heads, dim, t = 2, 8, 5
+    att = RelPositionMultiHeadedAttention(heads, dim, 0.0).eval()
+    x = torch.randn(1, t, dim)
+    _, pos_emb = RelPositionalEncoding(dim, 0.0)(x)
+    mask = torch.ones(1, t, t, dtype=torch.bool)
+    mask[0, :, 3:] = False  # last two keys are padding
+    out, _ = att(x, x, x, mask, pos_emb)
+
+    dk = dim // heads
+    q = att.linear_q(x).view(t, heads, dk)
+    k = att.linear_k(x).view(t, heads, dk)
+    v = att.linear_v(x).view(t, heads, dk)
+    ref = torch.zeros(t, heads, dk)
+    for h in range(heads):
+        for i in range(t):
+            scores = []
+            for j in range(t):
+                rel = att.linear_pos(sinusoid(torch.tensor([i - j]), dim)).view(heads, dk)[h]
+                s = (q[i, h] + att.pos_bias_u[h]) @ k[j, h] + (q[i, h] + att.pos_bias_v[h]) @ rel
+                scores.append(s / math.sqrt(dk) if mask[0, i, j] else torch.tensor(-math.inf))
+            w = torch.softmax(torch.stack(scores), dim=0)
+            ref[i, h] = (w.unsqueeze(1) * v[:, h]).sum(0)
+    ref = att.linear_out(ref.reshape(1, t, dim))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_convolution_ignores_the_future():
+    torch.manual_seed(0)
+    conv = ConvolutionModule(8, 5, causal=True, norm="layer_norm").eval()
+    x = torch.randn(1, 12, 8)
+    y, cache = conv(x)
+    x2 = x.clone()
+    x2[:, 7:] += 10.0
+    y2, _ = conv(x2)
+    torch.testing.assert_close(y[:, :7], y2[:, :7])
+    assert not torch.allclose(y[:, 7:], y2[:, 7:])
+    assert cache.shape == (1, 8, 4)
+
+
+def _encoder(preset="tiny_moe", **overrides):
+    cfg = load_config(preset, [f"model.encoder.{k}={v}" for k, v in overrides.items()]).model.encoder
+    torch.manual_seed(0)
+    return ConformerEncoder(cfg).eval()
+
+
+@pytest.mark.parametrize("preset", ["tiny_dense", "tiny_moe"])
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_encoder_output_of_a_padded_batch_equals_each_utterance_alone(preset, chunk):
+    enc = _encoder(preset)
+    lengths = torch.tensor([97, 64, 23])
+    feats = torch.randn(3, 97, 80)
+    with torch.no_grad():
+        out, valid = enc(feats, lengths, decoding_chunk_size=chunk)
+        assert out.shape[:2] == valid.shape
+        for b, n in enumerate(lengths.tolist()):
+            alone, alone_valid = enc(feats[b:b + 1, :n], lengths[b:b + 1], decoding_chunk_size=chunk)
+            frames = int(alone_valid.sum())
+            assert int(valid[b].sum()) == frames
+            torch.testing.assert_close(out[b, :frames], alone[0], rtol=1e-4, atol=1e-5)
+
+
+def test_chunk_mask_limits_what_an_encoder_frame_sees():
+    enc = _encoder("tiny_dense")
+    feats = torch.randn(1, 81, 80)
+    lengths = torch.tensor([81])
+    with torch.no_grad():
+        out, _ = enc(feats, lengths, decoding_chunk_size=4)
+        changed = feats.clone()
+        changed[:, 60:] += 3.0  # input frame 60 first reaches output frame 14 (4x, 7-frame window)
+        out2, _ = enc(changed, lengths, decoding_chunk_size=4)
+    # Frames of chunks 0..2 (output 0..11) cannot see output frames >= 12.
+    torch.testing.assert_close(out[:, :12], out2[:, :12])
+    assert not torch.allclose(out[:, 12:], out2[:, 12:])
+
+
+def test_decoder_is_causal_and_padding_invariant():
+    cfg = load_config("tiny_moe").model
+    torch.manual_seed(0)
+    dec = TransformerDecoder(cfg.vocab_size, cfg.encoder.output_size, 2, cfg.decoder).eval()
+    memory = torch.randn(2, 10, cfg.encoder.output_size)
+    memory_valid = torch.tensor([[True] * 10, [True] * 6 + [False] * 4])
+    ys = torch.randint(1, cfg.vocab_size - 1, (2, 6))
+    lens = torch.tensor([6, 4])
+    with torch.no_grad():
+        logits = dec(memory, memory_valid, ys, lens)
+        assert logits.shape == (2, 6, cfg.vocab_size)
+        ys2 = ys.clone()
+        ys2[:, 3:] = 1
+        torch.testing.assert_close(dec(memory, memory_valid, ys2, lens)[:, :3], logits[:, :3])
+        alone = dec(memory[1:, :6], memory_valid[1:, :6], ys[1:, :4], lens[1:])
+        torch.testing.assert_close(logits[1, :4], alone[0], rtol=1e-4, atol=1e-5)

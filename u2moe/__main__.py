@@ -1,0 +1,3 @@
+from u2moe.cli import main
+
+main()
