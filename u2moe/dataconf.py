@@ -21,16 +21,20 @@ class ConfigError(ValueError):
     """A config value or key is wrong; the message names the key and its source."""
 
 
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+            raise ConfigError(f"'{where}' must be a mapping, got {type(value).__name__}")
         return _build(annotation, value, where)
     if origin is typing.Literal:
         if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+            raise ConfigError(f"'{where}' must be one of {list(args)}, got {value!r}")
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -43,35 +47,41 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {args}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"'{where}': {value!r} fits none of {args}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"'{where}' must be a list, got {value!r}")
         item = args[0] if args else Any
         return origin(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"'{where}' must be a mapping, got {value!r}")
         return dict(value)
     if annotation is Any:
         return value
     if annotation is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+            raise ConfigError(f"'{where}' must be true or false, got {value!r}")
         return value
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"'{where}' must be an integer, got {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads 5e-4 as a string: it needs a dot (5.0e-4) to be a float.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"'{where}' must be a number, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"'{where}' must be a string, got {value!r}")
         return value
-    raise ConfigError(f"{where}: unsupported annotation {annotation!r}")
+    raise ConfigError(f"'{where}': unsupported annotation {annotation!r}")
 
 
 def _build(cls: type[T], data: dict, where: str) -> T:
@@ -79,30 +89,39 @@ def _build(cls: type[T], data: dict, where: str) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(fields))})")
-    kwargs = {name: _coerce(value, hints[name], f"{where}.{name}") for name, value in data.items()}
+        raise ConfigError(f"unknown key '{_join(where, unknown[0])}' (known: {', '.join(sorted(fields))})")
+    kwargs = {name: _coerce(value, hints[name], _join(where, name)) for name, value in data.items()}
     try:
         return cls(**kwargs)
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
-    except TypeError as err:  # a required field is missing
-        raise ConfigError(f"{where}: {err}") from None
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:  # __post_init__ checks, or a required field is missing
+        raise ConfigError(f"invalid '{where or cls.__name__}': {err}") from None
 
 
-def from_dict(cls: type[T], data: dict, source: str) -> T:
-    """Build dataclass `cls` from `data`; errors read like `conf.yaml: model.encoder.num_blocks: ...`."""
+def from_dict(cls: type[T], data: dict, source: str, prefix: str = "") -> T:
+    """Build dataclass `cls` from `data` (found at key path `prefix` of `source`).
+
+    Errors read like "conf.yaml: 'model.encoder.num_blocks' must be an integer, got 'six'".
+    """
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level")
-    prefix = f"{source}:"
+        raise ConfigError(f"{source}: '{prefix or 'top level'}' must be a mapping")
     try:
-        return _build(cls, data, "")
+        return _build(cls, data, prefix)
     except ConfigError as err:
-        msg = str(err)
-        raise ConfigError(f"{prefix} {msg[1:] if msg.startswith('.') else msg}") from None
+        raise ConfigError(f"{source}: {err}") from None
 
 
 def to_dict(obj: Any) -> dict:
-    return dataclasses.asdict(obj)
+    """Plain yaml-safe types: tuples become lists."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(obj))
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -1,0 +1,133 @@
+"""Throughput of the input pipeline on the shared synth-en corpus (a script, not a test).
+
+Measures shards -> padded batches per data-loader worker process, for the CPU feature path
+(workers decode + fbank + SpecAugment) and the device feature path (workers decode; the
+FeatureExtractor runs on CUDA when available, else on this CPU in the main process), and a
+single-process profile of the per-utterance stages (Opus decoding vs fbank vs SpecAugment).
+
+    .venv/bin/python bench/bench_data.py --utts 2000 --workers 1
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import soundfile as sf
+import torch
+
+from u2moe.data_prep import DataConfig, FeatureExtractor, Tokenizer, build_dataloader
+from u2moe.data_prep.features import compute_fbank
+from u2moe.data_prep.shard_reader import read_shard
+from u2moe.data_prep.shard_writer import write_shards
+from u2moe.data_prep.sharding import read_shard_list
+from u2moe.data_prep.specaug import spec_augment
+from u2moe.data_prep.stats import DataStats
+from u2moe.data_prep.units import train_units
+
+
+def default_corpus() -> Path:
+    shared = os.environ.get("U2MOE_SHARED") or Path(__file__).resolve().parents[1].parent / "shared"
+    return Path(shared) / "corpora" / "synth-en"
+
+
+def prepare(corpus: Path, split: str, utts: int, work: Path) -> tuple[Path, Tokenizer]:
+    """First `utts` utterances of the split as shards of 100, and a character tokenizer."""
+    data_dir = work / split
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("wav.scp", "text", "utt2spk"):
+        lines = (corpus / split / name).read_text().splitlines()[:utts]
+        if name == "wav.scp":  # absolute paths: the subset lives outside the corpus root
+            lines = [f"{k} {corpus / p}" for k, p in (line.split(maxsplit=1) for line in lines)]
+        (data_dir / name).write_text("\n".join(lines) + "\n")
+    write_shards(data_dir, work / "shards", utts_per_shard=100, jobs=2)
+    train_units(data_dir / "text", work / "units", "char")
+    return work / "shards" / "shards.list", Tokenizer.load(work / "units")
+
+
+def run_loader(shards: Path, tok: Tokenizer, cfg: DataConfig, workers: int,
+               extractor: FeatureExtractor | None, device: str) -> dict:
+    loader = build_dataloader(shards, tok, cfg, train=True, num_workers=workers)
+    start = time.perf_counter()
+    frames = 0
+    for batch in loader:
+        if extractor is not None:
+            feats, lengths = extractor(batch["wavs"].to(device), batch["wav_lengths"].to(device))
+            frames += int(lengths.sum())
+        else:
+            frames += int(batch["feats_lengths"].sum())
+    if device == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    stats = loader.epoch_stats
+    return {"utts": stats.utterances, "audio_s": round(stats.audio_seconds, 1), "wall_s": round(wall, 2),
+            "utts_per_s_per_worker": round(stats.utterances / wall / max(workers, 1), 1),
+            "x_realtime_per_worker": round(stats.audio_seconds / wall / max(workers, 1), 1),
+            "frames": frames, "skipped": stats.skipped}
+
+
+def profile_stages(shards: Path, cfg: DataConfig, limit: int) -> dict:
+    """Single-thread per-utterance cost of each stage, as seconds of audio per second of work."""
+    torch.set_num_threads(1)  # as in a data-loader worker
+    raws = [raw for url in read_shard_list(shards) for raw in read_shard(url, DataStats())][:limit]
+    audio_s = decode_s = fbank_s = specaug_s = flac_s = 0.0
+    gen = torch.Generator().manual_seed(0)
+    for raw in raws:
+        t0 = time.perf_counter()
+        samples, rate = sf.read(io.BytesIO(raw.members["opus"]), dtype="float32")
+        t1 = time.perf_counter()
+        feats = compute_fbank(torch.from_numpy(samples), cfg.fbank, rate, cfg.fbank.dither)
+        t2 = time.perf_counter()
+        spec_augment(feats[None], torch.tensor([feats.shape[0]]), cfg.spec_aug, gen)
+        t3 = time.perf_counter()
+        # The same audio as 16-bit FLAC (what `segments` cuts are stored as), for comparison.
+        flac = io.BytesIO()
+        sf.write(flac, samples, rate, format="FLAC", subtype="PCM_16")
+        flac.seek(0)
+        t4 = time.perf_counter()
+        sf.read(flac, dtype="float32")
+        flac_s += time.perf_counter() - t4
+        audio_s += len(samples) / rate
+        decode_s, fbank_s, specaug_s = decode_s + t1 - t0, fbank_s + t2 - t1, specaug_s + t3 - t2
+    total = decode_s + fbank_s + specaug_s
+    return {"utts": len(raws), "audio_s": round(audio_s, 1),
+            "opus_decode_x_rt": round(audio_s / decode_s), "fbank_x_rt": round(audio_s / fbank_s),
+            "specaug_x_rt": round(audio_s / specaug_s), "all_stages_x_rt": round(audio_s / total),
+            "flac_decode_x_rt": round(audio_s / flac_s),
+            "share_decode": round(decode_s / total, 2), "share_fbank": round(fbank_s / total, 2),
+            "share_specaug": round(specaug_s / total, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", type=Path, default=default_corpus())
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--utts", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2, help="passes per path; the best is reported")
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep shards here (default: a temp dir)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work_dir or Path(tmp)
+        shards, tok = prepare(args.corpus, args.split, args.utts, work)
+        cfg = DataConfig()  # training defaults: dither 0.1, SpecAugment on, static batches of 16
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        results = {"machine": f"{os.cpu_count()} CPU cores, feature device for the GPU path: {device}",
+                   "workers": args.workers, "config": "DataConfig() training defaults"}
+        results["cpu_path"] = max((run_loader(shards, tok, cfg, args.workers, None, "cpu")
+                                   for _ in range(args.repeats)), key=lambda r: r["x_realtime_per_worker"])
+        dev_cfg = DataConfig.from_dict({"device_features": True})
+        extractor = FeatureExtractor(dev_cfg).to(device).train()
+        results["device_path"] = max((run_loader(shards, tok, dev_cfg, args.workers, extractor, device)
+                                      for _ in range(args.repeats)), key=lambda r: r["x_realtime_per_worker"])
+        results["stage_profile_1_thread"] = profile_stages(shards, cfg, limit=500)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The training/evaluation input pipeline: shards -> padded batches, as a torch DataLoader.
+
+Per reader (one data-loader worker of one rank): its share of the epoch's shards (sharding.py)
+-> tar member groups (shard_reader.py) -> samples (sample_processor.py) -> shuffle buffer
+(training) -> sort buffer -> static or dynamic batches -> padded batch dicts (batching.py).
+
+Skip accounting across processes: each worker keeps a DataStats and attaches what it counted
+since its previous batch to the next batch under STATS_KEY; when its shards are exhausted it
+sends one last stats-only item. AsrDataLoader, in the trainer's process, pops these, merges them
+into `epoch_stats` and logs the epoch's summary, so the trainer sees exactly the documented batch
+dict and can all-reduce `loader.epoch_stats.to_dict()` across ranks. No side files, no extra
+processes, and counts cannot be lost because they travel with the data they describe.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .batching import collate, dynamic_batches, shuffle_buffer, sort_buffer, static_batches
+from .config import DataConfig
+from .errors import DataPrepError
+from .sample_processor import SampleProcessor
+from .shard_reader import read_shard
+from .sharding import read_shard_list, shards_for_reader
+from .stats import DataStats
+from .tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+STATS_KEY = "data_stats"
+
+
+class AsrDataset(IterableDataset):
+    """Iterates over batch dicts (with worker stats attached; AsrDataLoader strips them)."""
+
+    def __init__(self, shards: list[str], tokenizer: Tokenizer, cfg: DataConfig, *, train: bool,
+                 seed: int, rank: int, world_size: int):
+        super().__init__()
+        self.shards, self.tokenizer, self.cfg, self.train = shards, tokenizer, cfg, train
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's shard order and random streams; call before iterating."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = shards_for_reader(self.shards, seed=self.seed, epoch=self.epoch, shuffle=self.train,
+                                 rank=self.rank, world_size=self.world_size,
+                                 worker=worker, num_workers=num_workers)
+        # One independent, reproducible random stream per (epoch, reader).
+        rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
+        generator = torch.Generator().manual_seed(rng.getrandbits(63))
+        stats = DataStats()
+        process = SampleProcessor(self.cfg, self.tokenizer, self.train, stats, rng, generator)
+        samples = (s for url in mine for raw in read_shard(url, stats) if (s := process(raw)) is not None)
+        bcfg = self.cfg.batch
+        if self.train and bcfg.shuffle_buffer > 1:
+            samples = shuffle_buffer(samples, bcfg.shuffle_buffer, rng)
+        if bcfg.sort_buffer > 1:
+            samples = sort_buffer(samples, bcfg.sort_buffer)
+        groups = (dynamic_batches(samples, bcfg.max_frames_in_batch) if bcfg.type == "dynamic"
+                  else static_batches(samples, bcfg.batch_size))
+        for group in groups:
+            batch = collate(group)
+            stats.batches += 1
+            stats.utterances += len(group)
+            stats.audio_seconds += sum(batch["durations"])
+            batch[STATS_KEY] = stats.take()
+            yield batch
+        yield {STATS_KEY: stats.take()}
+
+
+class AsrDataLoader(DataLoader):
+    """A plain DataLoader over AsrDataset that gathers the workers' DataStats per epoch.
+
+    After (or during) an epoch `epoch_stats` holds this rank's totals; the summary is logged when
+    the epoch's iteration ends. Workers are not persistent, so `set_epoch` reaches them.
+    """
+
+    dataset: AsrDataset
+
+    def __init__(self, dataset: AsrDataset, **kwargs: Any):
+        super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
+        self.epoch_stats = DataStats()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+        # The workers' global torch RNG (kaldi.fbank's dither) is seeded from this generator at
+        # each iteration; making it a function of (seed, epoch, rank) lets a run resumed in a later
+        # epoch draw exactly what the uninterrupted run drew.
+        ds = self.dataset
+        self.generator.manual_seed((ds.seed * 1000003 + ds.rank) * 100003 + epoch)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.epoch_stats = DataStats()
+        for item in super().__iter__():
+            self.epoch_stats.merge(item.pop(STATS_KEY))
+            if item:
+                yield item
+        stats = self.epoch_stats
+        title = f"data epoch {self.dataset.epoch} rank {self.dataset.rank}"
+        logger.log(logging.WARNING if stats.skipped else logging.INFO, stats.summary(title))
+
+
+def build_dataloader(shards: str | Path | list[str], tokenizer: Tokenizer, cfg: DataConfig, *,
+                     train: bool, seed: int = 0, epoch: int = 0, rank: int | None = None,
+                     world_size: int | None = None, num_workers: int = 0, prefetch_factor: int = 2,
+                     pin_memory: bool = False) -> AsrDataLoader:
+    """A DataLoader yielding batch dicts (see batching.collate) from a shard list file or list.
+
+    rank/world_size default to torch.distributed's when it is initialised, else 0/1. Call
+    `loader.set_epoch(e)` before each epoch; in training it reshuffles shards and samples.
+    """
+    if rank is None or world_size is None:
+        dist = torch.distributed
+        initialised = dist.is_available() and dist.is_initialized()
+        rank = rank if rank is not None else (dist.get_rank() if initialised else 0)
+        world_size = world_size if world_size is not None else (dist.get_world_size() if initialised else 1)
+    shard_list = read_shard_list(shards)
+    if not shard_list:
+        raise DataPrepError(f"{shards}: no shards listed")
+    if len(shard_list) < world_size * max(num_workers, 1):
+        logger.warning("%d shards for %d ranks x %d workers: some readers get no data",
+                       len(shard_list), world_size, max(num_workers, 1))
+    dataset = AsrDataset(shard_list, tokenizer, cfg, train=train, seed=seed, rank=rank, world_size=world_size)
+    extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 else {}
+    loader = AsrDataLoader(dataset, num_workers=num_workers, pin_memory=pin_memory,
+                           generator=torch.Generator(), **extra)
+    loader.set_epoch(epoch)
+    return loader

@@ -1,0 +1,105 @@
+"""Features: the CPU worker path against torchaudio's kaldi.fbank, the batched FeatureExtractor
+against the CPU path, SpecAugment and speed perturbation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchaudio
+
+from test_data_support import LETTERS, make_kaldi_dir
+from u2moe.data_prep import DataConfig, FeatureExtractor, Tokenizer, build_dataloader
+from u2moe.data_prep.audio import speed_perturb
+from u2moe.data_prep.config import SpecAugConfig
+from u2moe.data_prep.shard_writer import write_shards
+from u2moe.data_prep.specaug import spec_augment
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    data_dir, utts = make_kaldi_dir(root, count=6, start=20)
+    write_shards(data_dir, root / "shards", utts_per_shard=3)
+    return root / "shards" / "shards.list", Tokenizer("char", LETTERS), utts
+
+
+def _batches(corpus, train: bool, **cfg) -> list[dict]:
+    shard_list, tok, _ = corpus
+    cfg = DataConfig.from_dict({"batch": {"batch_size": 6}, **cfg})
+    loader = build_dataloader(shard_list, tok, cfg, train=train, num_workers=0)
+    return list(loader)
+
+
+def test_worker_fbank_equals_kaldi_fbank_of_the_decoded_audio(corpus):
+    _, _, utts = corpus
+    (batch,) = _batches(corpus, train=False)
+    assert sorted(batch["keys"]) == sorted(utts)
+    for i, key in enumerate(batch["keys"]):
+        samples, rate = sf.read(utts[key][2], dtype="float32")
+        ref = torchaudio.compliance.kaldi.fbank(torch.from_numpy(samples)[None] * 32768, num_mel_bins=80,
+                                                frame_length=25.0, frame_shift=10.0, dither=0.0,
+                                                energy_floor=0.0, sample_frequency=rate)
+        n = int(batch["feats_lengths"][i])
+        assert n == ref.shape[0] == 1 + (len(samples) - 400) // 160
+        torch.testing.assert_close(batch["feats"][i, :n], ref, atol=1e-5, rtol=1e-5)
+    lengths = batch["feats_lengths"].tolist()
+    assert lengths == sorted(lengths, reverse=True)
+
+
+def test_feature_extractor_matches_the_cpu_path(corpus):
+    (cpu,) = _batches(corpus, train=False)
+    (dev,) = _batches(corpus, train=False, device_features=True)
+    assert dev["keys"] == cpu["keys"]
+    extractor = FeatureExtractor(DataConfig()).eval()
+    feats, lengths = extractor(dev["wavs"], dev["wav_lengths"])
+    assert torch.equal(lengths, cpu["feats_lengths"])
+    assert feats.shape == cpu["feats"].shape and feats.dtype == torch.float32
+    torch.testing.assert_close(feats, cpu["feats"], atol=2e-3, rtol=1e-4)
+    assert not extractor.state_dict()  # nothing config-derived leaks into checkpoints
+
+
+def test_feature_extractor_training_mode_masks_and_dithers(corpus):
+    (dev,) = _batches(corpus, train=False, device_features=True)
+    wavs, wav_lengths = dev["wavs"], dev["wav_lengths"]
+    no_dither = DataConfig.from_dict({"fbank": {"dither": 0.0}})
+    clean, lengths = FeatureExtractor(no_dither).eval()(wavs, wav_lengths)
+    masked, _ = FeatureExtractor(no_dither).train()(wavs, wav_lengths, torch.Generator().manual_seed(0))
+    zeroed = (masked == 0) & (clean != 0)
+    assert torch.equal(masked[~zeroed], clean[~zeroed])  # only masking changed anything
+    for i, n in enumerate(lengths.tolist()):
+        z = zeroed[i, :n]
+        whole_cols = z.all(dim=0)
+        whole_rows = z.all(dim=1)
+        # Every zeroed cell lies in a fully masked mel band or a fully masked frame span.
+        assert torch.equal(z, whole_rows[:, None] | whole_cols[None, :])
+        assert 1 <= int(whole_cols.sum()) <= 2 * 10 and 1 <= int(whole_rows.sum()) <= 2 * 50
+    dithered, _ = FeatureExtractor(DataConfig.from_dict({"spec_aug": {"enabled": False}})).train()(wavs, wav_lengths)
+    diff = (dithered - clean).abs()
+    assert 0 < float(diff.mean()) < 0.05  # dither 0.1 on a 16-bit scale perturbs, barely
+
+
+def test_spec_augment_bands_stay_inside_each_utterance():
+    cfg = SpecAugConfig(num_freq_masks=3, max_freq_width=7, num_time_masks=4, max_time_width=9)
+    lengths = torch.tensor([100, 37, 5])
+    feats = torch.ones(3, 100, 40)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        out = spec_augment(feats, lengths, cfg, gen)
+        for i, n in enumerate(lengths.tolist()):
+            rows = (out[i] == 0).all(dim=1)
+            cols = (out[i] == 0).all(dim=0)
+            assert not rows[n:].any() or n == 100
+            assert int(rows[:n].sum()) <= 4 * 9 and int(cols.sum()) <= 3 * 7
+            assert cols.any() and rows[:n].any()
+
+
+def test_speed_perturbation_scales_tempo_and_pitch():
+    rate, freq = 16000, 500.0
+    wave = torch.sin(2 * torch.pi * freq * torch.arange(2 * rate) / rate)
+    for speed in (0.9, 1.1):
+        out = speed_perturb(wave, rate, speed)
+        assert abs(len(out) - len(wave) / speed) <= 2
+        spectrum = np.abs(np.fft.rfft(out.numpy()))
+        peak = np.argmax(spectrum) * rate / len(out)
+        assert peak == pytest.approx(freq * speed, abs=2)
