@@ -37,8 +37,13 @@ class U2Model(nn.Module):
         loss = ctc_weight * ctc + (1 - ctc_weight) * ((1 - reverse_weight) * l2r + reverse_weight * r2l)
         (+ the routers' balancing losses when enabled).
         """
-        cfg = self.cfg
         memory, valid = self.encoder(feats, feats_lengths)
+        return self.losses(memory, valid, target, target_lengths)
+
+    def losses(self, memory: torch.Tensor, valid: torch.Tensor, target: torch.Tensor,
+               target_lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss terms given the encoder output (evaluation also decodes from the same output)."""
+        cfg = self.cfg
         out: dict[str, torch.Tensor] = {}
         memory_lens = valid.sum(dim=1)
         loss_ctc = self.ctc(memory, memory_lens, target, target_lengths)

@@ -1,4 +1,4 @@
-"""Model subcommands: `u2moe params`."""
+"""Model subcommands: `u2moe params`, `u2moe decode`."""
 from __future__ import annotations
 
 import argparse
@@ -20,3 +20,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. model.encoder.num_blocks=6 (repeatable)")
     p.set_defaults(handler=_params)
+    register_decoding(sub)
+
+
+def _decode(args: argparse.Namespace) -> int:
+    from u2moe.model.decoding.command import decode_handler
+
+    return decode_handler(args)
+
+
+def register_decoding(sub: argparse._SubParsersAction) -> None:
+    from u2moe.model.decoding.arguments import add_decoding_arguments, add_input_arguments
+
+    p = sub.add_parser("decode", help="decode with a model file; write hypotheses, print CER/WER per mode")
+    p.add_argument("--model", required=True, help="model.pt written by `u2moe export`")
+    add_input_arguments(p)
+    add_decoding_arguments(p, default_modes="ctc_greedy,ctc_prefix_beam,attention,attention_rescoring")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", required=True, help="output dir: <mode>.txt (key text) and wer.json")
+    p.set_defaults(handler=_decode)

@@ -39,4 +39,6 @@ class GlobalCMVN(nn.Module):
         self.register_buffer("istd", istd.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) * self.istd
+        # Normalised in fp32 whatever the model's precision: fbank values around 10-15 minus
+        # their mean lose most of their bits in bf16.
+        return ((x.float() - self.mean.float()) * self.istd.float()).to(x.dtype)

@@ -49,3 +49,33 @@ class ConformerEncoder(nn.Module):
         for layer in self.encoders:
             xs, _, _ = layer(xs, mask, pos_emb, valid)
         return self.after_norm(xs), valid
+
+    def forward_chunk(self, xs: torch.Tensor, att_cache: torch.Tensor, cnn_cache: torch.Tensor,
+                      required_cache_size: int, key_valid: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One streaming step: the fbank window of a chunk -> its encoder frames and new caches.
+
+        xs [B, W, F] must start on a subsampling boundary and hold the chunk's right context;
+        att_cache [L, B, H, Tc, 2*d_k] and cnn_cache [L, B, C, kernel-1] come from the previous
+        step (size 0 in any dimension at the start, as WeNet's runtime passes them).
+        required_cache_size: key frames to keep for the next step (< 0: all, as with unlimited
+        left chunks). key_valid [B, Tc + T'] marks real cached and current frames when a batch
+        holds utterances of different lengths; None means all are real.
+        Returns out [B, T', D], att_cache [L, B, H, kept, 2*d_k], cnn_cache [L, B, C, kernel-1].
+        """
+        xs = self.embed(self.global_cmvn(xs))
+        cached = att_cache.size(3) if att_cache.dim() == 5 and att_cache.size(0) > 0 else 0
+        xs, pos_emb = self.pos_enc(xs, cached + xs.size(1))
+        if key_valid is None:
+            key_valid = torch.ones(xs.size(0), cached + xs.size(1), dtype=torch.bool, device=xs.device)
+        mask = key_valid.unsqueeze(1).expand(-1, xs.size(1), -1)
+        valid = key_valid[:, cached:]
+        keep_from = 0 if required_cache_size < 0 else max(cached + xs.size(1) - required_cache_size, 0)
+        new_att, new_cnn = [], []
+        for i, layer in enumerate(self.encoders):
+            layer_att = att_cache[i] if cached > 0 else None
+            layer_cnn = cnn_cache[i] if cnn_cache.dim() == 4 and cnn_cache.size(0) > 0 else None
+            xs, att, cnn = layer(xs, mask, pos_emb, valid, layer_att, layer_cnn)
+            new_att.append(att[:, :, keep_from:])
+            new_cnn.append(cnn)
+        return self.after_norm(xs), torch.stack(new_att), torch.stack(new_cnn)

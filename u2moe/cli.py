@@ -16,7 +16,10 @@ _REGISTRARS = [
     "u2moe.data_prep.cli",
 ]
 # Modules whose `register_bench(subparsers)` adds `u2moe bench ...` commands.
-_BENCH_REGISTRARS: list[str] = []
+_BENCH_REGISTRARS: list[str] = [
+    "u2moe.model.decoding.rtf",
+    "u2moe.model.moe.bench",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,8 +2,11 @@
 
 - `router.TopKRouter`: bias-free linear gate, top-k of the logits, softmax over the selected ones (fp32).
 - `dispatcher.SortedTokenDispatcher`: groups routed frames by expert and combines the results.
-- `experts.GroupedExperts`: all experts' weights as stacked tensors, run over contiguous groups.
+- `all_to_all_dispatcher.AllToAllTokenDispatcher`: the same across expert-parallel ranks.
+- `experts.GroupedExperts`: all experts' weights as stacked tensors, run over contiguous groups
+  by one of the `backends` (per-expert loop, `torch._grouped_mm`, `triton_grouped_gemm`).
 - `layer.MoEFeedForward`: the drop-in replacement for a dense FFN, padding-aware.
+- `parallel`: expert parallelism under DeepSpeed ZeRO-1/2, and checkpoint layout conversion.
 """
 from u2moe.model.moe.layer import MoEFeedForward
 

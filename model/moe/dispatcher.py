@@ -10,16 +10,19 @@ from u2moe.model.moe.router import Routing
 
 @dataclass
 class DispatchState:
-    token_index: torch.Tensor  # [N*k] source frame of each row of the permuted batch
-    weights: torch.Tensor  # [N*k] router weight of each row
+    order: torch.Tensor  # [N*k] (frame, slot) pair of each row of the permuted batch, as frame*k+slot
+    weights: torch.Tensor  # [N, k] router weights
     num_tokens: int
+    routed_counts: torch.Tensor  # [E] pairs of this rank's frames routed to each global expert
 
 
 class SortedTokenDispatcher:
     """Dropless, single-process dispatch: a stable sort of the (frame, expert) pairs by expert.
 
     Every routed pair is kept (no capacity factor), so the experts see exactly the frames the
-    router chose; `tokens_per_expert` tells the experts where each group starts.
+    router chose; `tokens_per_expert` tells the experts where each group starts. Both directions
+    are gathers/scatters through one permutation: no atomics, and the sum over the k experts
+    of a frame is an ordinary reduction, so results do not depend on thread scheduling.
     """
 
     def __init__(self, num_experts: int):
@@ -30,12 +33,12 @@ class SortedTokenDispatcher:
         top_k = routing.expert_ids.size(1)
         flat_ids = routing.expert_ids.reshape(-1)
         order = torch.argsort(flat_ids, stable=True)
-        token_index = order // top_k
         tokens_per_expert = torch.bincount(flat_ids, minlength=self.num_experts)
-        state = DispatchState(token_index, routing.weights.reshape(-1)[order], x.size(0))
-        return x[token_index], tokens_per_expert, state
+        state = DispatchState(order, routing.weights, x.size(0), tokens_per_expert)
+        return x.index_select(0, order // top_k), tokens_per_expert, state
 
     def combine(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        weighted = y * state.weights.unsqueeze(1).to(y.dtype)
-        out = y.new_zeros(state.num_tokens, y.size(1))
-        return out.index_add(0, state.token_index, weighted)
+        top_k = state.weights.size(1)
+        pairs = y.new_empty(state.num_tokens * top_k, y.size(1)).index_copy_(0, state.order, y)
+        weighted = pairs.view(state.num_tokens, top_k, y.size(1)) * state.weights.to(y.dtype).unsqueeze(2)
+        return weighted.sum(dim=1)

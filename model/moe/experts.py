@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from u2moe.model.feed_forward import ACTIVATIONS
+from u2moe.model.moe.backends import (GROUPED_LINEAR, ExpertGroups, backend_override,
+                                      compute_dtype, select_backend)
 
 
 class GroupedExperts(nn.Module):
@@ -18,6 +20,9 @@ class GroupedExperts(nn.Module):
                  dropout_rate: float):
         super().__init__()
         self.num_experts = num_experts
+        # "auto" or a name from backends.GROUPED_LINEAR, resolved per call (device, dtype);
+        # settable per layer, or for a whole run through U2MOE_EXPERT_BACKEND.
+        self.backend = backend_override()
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_units))
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden_units))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_units, dim))
@@ -33,10 +38,21 @@ class GroupedExperts(nn.Module):
             nn.init.uniform_(weight, -bound, bound)
             nn.init.uniform_(bias, -bound, bound)
 
+    def shard(self, first: int, count: int) -> None:
+        """Keep only experts [first, first + count): this rank's slice under expert parallelism."""
+        for name in ("w1", "b1", "w2", "b2"):
+            setattr(self, name, nn.Parameter(getattr(self, name).detach()[first:first + count].clone()))
+        self.num_experts = count
+
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x [M, dim] grouped by expert (group sizes `tokens_per_expert`) -> [M, dim]."""
-        outputs = []
-        for e, xe in enumerate(torch.split(x, tokens_per_expert.tolist())):
-            h = self.dropout(self.activation(torch.addmm(self.b1[e], xe, self.w1[e])))
-            outputs.append(torch.addmm(self.b2[e], h, self.w2[e]))
-        return torch.cat(outputs) if outputs else x
+        groups = ExpertGroups(tokens_per_expert, x.size(0))
+        dtype = compute_dtype(x)
+        backend = select_backend(self.backend, x.device, dtype, tuple(self.w1.shape[1:]))
+        if x.size(0) == 0:
+            backend = "reference"  # nothing to compute; keeps the graph linked to the weights
+        linear = GROUPED_LINEAR[backend]
+        if backend != "reference":
+            x = x.to(dtype)
+        h = self.dropout(self.activation(linear(x, self.w1, self.b1, groups)))
+        return linear(h, self.w2, self.b2, groups)

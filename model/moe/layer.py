@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from u2moe.model.config import FeedForwardConfig
+from u2moe.model.moe.all_to_all_dispatcher import AllToAllTokenDispatcher
 from u2moe.model.moe.dispatcher import SortedTokenDispatcher
 from u2moe.model.moe.experts import GroupedExperts
 from u2moe.model.moe.router import TopKRouter
@@ -17,13 +19,24 @@ class MoEFeedForward(nn.Module):
         self.top_k = cfg.top_k
         self.router = TopKRouter(dim, cfg.num_experts, cfg.top_k, cfg.router_noise_std,
                                  cfg.aux_loss_weight)
-        self.dispatcher = SortedTokenDispatcher(cfg.num_experts)
+        self.dispatcher: SortedTokenDispatcher | AllToAllTokenDispatcher = \
+            SortedTokenDispatcher(cfg.num_experts)
         self.experts = GroupedExperts(cfg.num_experts, dim, cfg.hidden_units, cfg.activation,
                                       cfg.dropout_rate)
-        # Set by every forward, read by the trainer: frames routed to each expert, and the
-        # weighted balancing loss (None unless enabled).
+        # Set by every forward, read by the trainer: frames of this rank routed to each (global)
+        # expert, and the weighted balancing loss (None unless enabled).
         self.last_tokens_per_expert: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
+
+    def shard_experts(self, group: dist.ProcessGroup) -> None:
+        """Expert parallelism over `group`: keep this rank's E/P contiguous experts and exchange
+        frames with the other ranks. The router stays whole (every rank routes its own frames)."""
+        ep_size, ep_rank = dist.get_world_size(group), dist.get_rank(group)
+        if self.num_experts % ep_size:
+            raise ValueError(f"{self.num_experts} experts do not split over {ep_size} ranks")
+        local = self.num_experts // ep_size
+        self.experts.shard(ep_rank * local, local)
+        self.dispatcher = AllToAllTokenDispatcher(self.num_experts, group)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, D]; valid [B, T] (True = real frame). Padded frames get exactly zero output."""
@@ -38,7 +51,7 @@ class MoEFeedForward(nn.Module):
         routing = self.router(tokens)
         permuted, tokens_per_expert, state = self.dispatcher.dispatch(tokens, routing)
         y = self.dispatcher.combine(self.experts(permuted, tokens_per_expert), state)
-        self.last_tokens_per_expert = tokens_per_expert.detach()
+        self.last_tokens_per_expert = state.routed_counts.detach()
         self.aux_loss = routing.aux_loss
         if index is not None:
             y = flat.new_zeros(flat.shape).index_copy(0, index, y)

@@ -1,0 +1,103 @@
+"""Decoding input: utterances (key, transcript, waveform) from a shard list or a Kaldi data dir.
+
+Audio goes through data_prep's own reading and resampling (SampleProcessor in its
+device-features mode yields the waveform), and features through data_prep's fbank, so decoding
+sees exactly the features training saw.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from u2moe.data_prep import audio
+from u2moe.data_prep.config import BatchConfig, DataConfig, FilterConfig
+from u2moe.data_prep.errors import DataPrepError
+from u2moe.data_prep.features import compute_fbank
+from u2moe.data_prep.kaldi_dir import read_kaldi_dir
+from u2moe.data_prep.sample_processor import SampleProcessor
+from u2moe.data_prep.shard_reader import RawUtterance, read_shard
+from u2moe.data_prep.sharding import read_shard_list
+from u2moe.data_prep.stats import DataStats
+
+
+@dataclass
+class AudioUtterance:
+    key: str
+    text: str
+    wave: torch.Tensor  # [S] float in [-1, 1] at the model's sample rate
+    duration: float  # seconds
+
+
+def decoding_data_config(experiment_config: dict[str, Any] | None, source: str = "model.pt") -> DataConfig:
+    """The model's `data:` section (sample rate, fbank) with nothing filtered out by length."""
+    section = (experiment_config or {}).get("data")
+    cfg = DataConfig.from_dict(section, source=source)
+    unlimited = FilterConfig(min_frames=1, max_frames=10 ** 9, min_tokens=1, max_tokens=10 ** 9)
+    return dataclasses.replace(cfg, filter=unlimited, batch=BatchConfig(), device_features=True)
+
+
+def fbank(wave: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """[T, mel] evaluation features (no dither) of one waveform."""
+    return compute_fbank(wave, cfg.fbank, cfg.sample_rate, dither=0.0)
+
+
+def _raw_from_data_dir(data_dir: Path, stats: DataStats) -> Iterator[RawUtterance]:
+    kaldi = read_kaldi_dir(data_dir)
+    for key, kind in kaldi.problems:
+        stats.record(kind, str(data_dir), key)
+    for utt in kaldi.utterances:
+        if utt.segment is not None:
+            raise DataPrepError(f"{data_dir}/segments: segment cuts are not read here; "
+                                f"make shards with `u2moe prep shards` and pass --shards")
+        try:
+            data = audio.read_source(utt.source)
+            ext = audio.extension_for(audio.probe(data))
+        except audio.AudioError as err:
+            stats.record("audio_undecodable", str(data_dir), utt.key, f"{utt.source}: {err}")
+            continue
+        yield RawUtterance(str(data_dir), utt.key, {ext: data, "txt": utt.text.encode("utf-8")})
+
+
+def read_utterances(cfg: DataConfig, stats: DataStats, *, shards: str | None = None,
+                    data_dir: str | None = None, limit: int | None = None) -> Iterator[AudioUtterance]:
+    """Utterances in input order; unreadable ones are recorded in `stats` and skipped."""
+    if (shards is None) == (data_dir is None):
+        raise ValueError("give exactly one of shards and data_dir")
+    if shards is not None:
+        raws = (raw for url in read_shard_list(shards) for raw in read_shard(url, stats))
+    else:
+        raws = _raw_from_data_dir(Path(data_dir), stats)
+    process = SampleProcessor(cfg, None, False, stats, random.Random(0), torch.Generator())
+    count = 0
+    for raw in raws:
+        if limit is not None and count >= limit:
+            return
+        text = raw.members.get("txt", b"").decode("utf-8", errors="replace").strip()
+        sample = process(raw)
+        if sample is None:
+            continue
+        count += 1
+        yield AudioUtterance(raw.key, text, sample.wave, sample.duration)
+
+
+def batches(utterances: Iterator[AudioUtterance], batch_size: int) -> Iterator[list[AudioUtterance]]:
+    batch: list[AudioUtterance] = []
+    for utt in utterances:
+        batch.append(utt)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def pad_features(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(feats [B, T, mel] zero-padded, lengths [B]) as the data pipeline's batches hold them."""
+    lengths = torch.tensor([f.size(0) for f in feats], dtype=torch.long)
+    return torch.nn.utils.rnn.pad_sequence(feats, batch_first=True), lengths

@@ -1,0 +1,185 @@
+"""`u2moe bench moe` (GPU training step of one FFN layer) and `u2moe bench moe-infer` (CPU, batch 1).
+
+`moe`: forward + backward time of the dense FFN, the ideal top-k MoE (k x dense), DeepSpeed's
+native MoE (drop_tokens=False), a per-expert loop (our `reference` backend) and our layer with
+each GPU backend, for each (T, d, FFN) shape, dense and with padding. CUDA events, median of
+`--iters` steps after warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from u2moe.model.config import FeedForwardConfig
+from u2moe.model.feed_forward import PositionwiseFeedForward
+from u2moe.model.moe.layer import MoEFeedForward
+
+SHAPES = ((16384, 512, 2048), (32768, 256, 2048), (16384, 1024, 4096))
+
+
+def _time_cuda(step: Callable[[], None], warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _train_step(module: nn.Module, x: torch.Tensor, call: Callable[[torch.Tensor], torch.Tensor]
+                ) -> Callable[[], None]:
+    grad = torch.randn_like(x)
+
+    def step() -> None:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        call(x).backward(grad)
+    return step
+
+
+def _batch(frames: int, dim: int, pad: float, device: torch.device
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    batch = 16
+    x = torch.randn(batch, frames // batch, dim, device=device, dtype=torch.bfloat16,
+                    requires_grad=True)
+    if pad == 0:
+        return x, None
+    # Lengths spread evenly over [1 - 2 pad, 1] of the longest: `pad` of the frames are padding.
+    t = frames // batch
+    lengths = torch.linspace(1 - 2 * pad, 1.0, batch, device=device) * t
+    return x, torch.arange(t, device=device)[None, :] < lengths.round().long()[:, None]
+
+
+def _deepspeed_moe(dim: int, hidden: int, experts: int, top_k: int) -> nn.Module | None:
+    try:
+        import deepspeed
+        from deepspeed.moe.layer import MoE
+    except ImportError:
+        return None
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        deepspeed.init_distributed(dist_backend="nccl", rank=0, world_size=1)
+    expert = PositionwiseFeedForward(dim, hidden, "swish", 0.0)
+    moe = MoE(dim, expert, num_experts=experts, ep_size=1, k=top_k, drop_tokens=False,
+              use_rts=False)
+    moe.set_deepspeed_parallelism()
+    return moe
+
+
+def bench_moe(args: argparse.Namespace) -> dict:
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    rows = []
+    for frames, dim, hidden in SHAPES:
+        cfg = FeedForwardConfig(type="moe", hidden_units=hidden, dropout_rate=0.0,
+                                num_experts=args.experts, top_k=args.top_k)
+        torch.manual_seed(0)
+        dense = PositionwiseFeedForward(dim, hidden, "swish", 0.0).to(device, torch.bfloat16)
+        moe = MoEFeedForward(dim, cfg).to(device, torch.bfloat16)
+        ds_moe = _deepspeed_moe(dim, hidden, args.experts, args.top_k)
+        if ds_moe is not None:
+            ds_moe = ds_moe.to(device, torch.bfloat16)
+        for pad in (0.0, 0.2):
+            x, valid = _batch(frames, dim, pad, device)
+            row = {"T": frames, "d": dim, "ffn": hidden, "pad": pad}
+            run = lambda m, f: _time_cuda(_train_step(m, x, f), args.warmup, args.iters)
+            row["dense"] = run(dense, lambda t: dense(t))
+            row["ideal"] = args.top_k * row["dense"]
+            if ds_moe is not None:
+                # DeepSpeed's layer takes no mask: it routes the padded frames too.
+                row["deepspeed"] = run(ds_moe, lambda t: ds_moe(t)[0])
+            for backend in args.backends:
+                moe.experts.backend = backend
+                row[backend] = run(moe, lambda t: moe(t, valid))
+            rows.append(row)
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
+                              for k, v in row.items()}), flush=True)
+        del dense, moe, ds_moe
+    if args.profile:
+        _profile(args)
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "experts": args.experts, "top_k": args.top_k, "rows": rows}
+
+
+def _profile(args: argparse.Namespace) -> None:
+    """Where our layer's time goes, kernel by kernel, at the first shape (for misses)."""
+    frames, dim, hidden = SHAPES[0]
+    cfg = FeedForwardConfig(type="moe", hidden_units=hidden, dropout_rate=0.0,
+                            num_experts=args.experts, top_k=args.top_k)
+    moe = MoEFeedForward(dim, cfg).to("cuda", torch.bfloat16)
+    x, valid = _batch(frames, dim, 0.0, torch.device("cuda"))
+    for backend in args.backends:
+        moe.experts.backend = backend
+        step = _train_step(moe, x, lambda t: moe(t, valid))
+        for _ in range(3):
+            step()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        print(f"--- profile {backend} (5 steps, T={frames} d={dim} ffn={hidden})")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14))
+
+
+def bench_moe_infer(args: argparse.Namespace) -> dict:
+    """Batch-1 inference on CPU: one MoE layer vs the dense FFN of the same expert size."""
+    torch.set_num_threads(args.threads)
+    rows = []
+    for dim, hidden in ((128, 512), (704, 2816)):
+        cfg = FeedForwardConfig(type="moe", hidden_units=hidden, dropout_rate=0.0)
+        moe, dense = MoEFeedForward(dim, cfg).eval(), PositionwiseFeedForward(dim, hidden, "swish", 0.0)
+        for frames in (16, 250):
+            x = torch.randn(1, frames, dim)
+            row = {"d": dim, "ffn": hidden, "frames": frames}
+            for name, module in (("dense", dense), ("moe", moe)):
+                with torch.inference_mode():
+                    for _ in range(5):
+                        module(x)
+                    start = time.perf_counter()
+                    for _ in range(args.iters):
+                        module(x)
+                row[f"{name}_ms"] = (time.perf_counter() - start) / args.iters * 1e3
+            rows.append(row)
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
+                              for k, v in row.items()}), flush=True)
+    return {"threads": args.threads, "rows": rows}
+
+
+def _run(fn: Callable[[argparse.Namespace], dict]) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        result = fn(args)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return 0
+    return handler
+
+
+def register_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("moe", help="MoE layer training step on one GPU, all paths")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--backends", nargs="+", default=["reference", "grouped_mm", "triton"])
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--profile", action="store_true", help="kernel table of our layer")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.set_defaults(handler=_run(bench_moe))
+    p = sub.add_parser("moe-infer", help="MoE layer inference, batch 1, on CPU")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--out", help="write the results as JSON here")
+    p.set_defaults(handler=_run(bench_moe_infer))

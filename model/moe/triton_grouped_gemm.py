@@ -1,0 +1,160 @@
+"""Grouped GEMM in Triton for sm80/sm86/sm89, where `torch._grouped_mm` has no fast kernel.
+
+Rows of `x` come grouped by expert (group ends `offsets`, int32, on the device). Two kernels:
+
+- `_grouped_rows_kernel`: out[rows of e] = x[rows of e] @ w[e] (+ b[e]). Used for the forward and
+  for the input gradient (with w transposed through its strides, no copy).
+- `_grouped_weight_grad_kernel`: dw[e] = x[rows of e]^T @ g[rows of e] and db[e] = sum of g rows.
+
+Neither reads the group sizes on the host: the row-tile grid is sized for the worst case
+(ceil(M / BLOCK_M) + E tiles, one partial tile per group at most) and each program finds its
+expert from `offsets`; surplus programs do nothing. This keeps the training step free of host
+syncs, the reason `torch._grouped_mm`'s fallback is slow on these cards.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# One configuration per kernel, picked for d/FFN in 256..4096 on sm80-sm90; no autotuning, so
+# that the first step does not pay for a sweep.
+_ROWS_BLOCKS = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
+_WGRAD_BLOCKS = dict(BLOCK_M=64, BLOCK_K=128, BLOCK_N=128, num_warps=8, num_stages=3)
+
+
+@triton.jit
+def _grouped_rows_kernel(x_ptr, w_ptr, b_ptr, out_ptr, offsets_ptr, M, N, K,
+                         stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_om,
+                         NUM_EXPERTS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    # Which group does row tile `pid_m` fall in? Tiles are numbered group after group.
+    # Loop-carried scalars start as int32 tensors so that their type stays fixed in the loop.
+    zero = pid_m * 0
+    expert = zero
+    row_start = zero
+    row_end = zero
+    tiles_before = zero
+    group_start = zero
+    for e in tl.static_range(NUM_EXPERTS):
+        group_end = tl.load(offsets_ptr + e)
+        n_tiles = tl.cdiv(group_end - group_start, BLOCK_M)
+        hit = (pid_m >= tiles_before) & (pid_m < tiles_before + n_tiles)
+        expert = tl.where(hit, e, expert)
+        row_start = tl.where(hit, group_start + (pid_m - tiles_before) * BLOCK_M, row_start)
+        row_end = tl.where(hit, group_end, row_end)
+        tiles_before += n_tiles
+        group_start = group_end
+    active = row_end > row_start
+
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < row_end
+    mask_n = offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + expert * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_tiles = tl.where(active, tl.cdiv(K, BLOCK_K), 0)
+    for k in range(0, k_tiles):
+        k_left = K - k * BLOCK_K
+        a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + expert * N + offs_n, mask=mask_n & active, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _grouped_weight_grad_kernel(x_ptr, g_ptr, dw_ptr, db_ptr, offsets_ptr, N, K,
+                                stride_xm, stride_xk, stride_gm, stride_gn,
+                                HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    expert = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    row_end = tl.load(offsets_ptr + expert)
+    row_start = tl.where(expert > 0, tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0), 0)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_k = offs_k < K
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m in range(row_start, row_end, BLOCK_M):
+        rows = m + offs_m
+        mask_m = rows < row_end
+        # Loaded row-major (coalesced along K) and transposed in registers.
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        g = tl.load(g_ptr + rows[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(tl.trans(x), g, acc)
+        if HAS_BIAS:
+            bias_acc += tl.sum(g.to(tl.float32), axis=0)
+    dw_ptrs = dw_ptr + expert * K * N + offs_k[:, None] * N + offs_n[None, :]
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_n[None, :])
+    if HAS_BIAS:
+        # Every K tile sees the same rows of g; the first one writes the bias gradient.
+        tl.store(db_ptr + expert * N + offs_n, bias_acc.to(db_ptr.dtype.element_ty),
+                 mask=mask_n & (pid_k == 0))
+
+
+def _rows(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, offsets: torch.Tensor,
+          transpose_w: bool) -> torch.Tensor:
+    num_experts = w.size(0)
+    k_dim, n_dim = (w.size(2), w.size(1)) if transpose_w else (w.size(1), w.size(2))
+    stride_wk, stride_wn = (w.stride(2), w.stride(1)) if transpose_w else (w.stride(1), w.stride(2))
+    out = torch.empty(x.size(0), n_dim, device=x.device, dtype=x.dtype)
+    blocks = _ROWS_BLOCKS
+    grid = (triton.cdiv(x.size(0), blocks["BLOCK_M"]) + num_experts,
+            triton.cdiv(n_dim, blocks["BLOCK_N"]))
+    _grouped_rows_kernel[grid](
+        x, w, b if b is not None else w, out, offsets, x.size(0), n_dim, k_dim,
+        x.stride(0), x.stride(1), w.stride(0), stride_wk, stride_wn, out.stride(0),
+        NUM_EXPERTS=num_experts, HAS_BIAS=b is not None, **blocks)
+    return out
+
+
+def weight_grad(x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor, num_experts: int,
+                 dtype: torch.dtype, with_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    k_dim, n_dim = x.size(1), g.size(1)
+    dw = torch.empty(num_experts, k_dim, n_dim, device=x.device, dtype=dtype)
+    db = torch.empty(num_experts, n_dim, device=x.device, dtype=dtype) if with_bias else None
+    blocks = _WGRAD_BLOCKS
+    grid = (num_experts, triton.cdiv(k_dim, blocks["BLOCK_K"]), triton.cdiv(n_dim, blocks["BLOCK_N"]))
+    _grouped_weight_grad_kernel[grid](
+        x, g, dw, db if db is not None else dw, offsets, n_dim, k_dim,
+        x.stride(0), x.stride(1), g.stride(0), g.stride(1), HAS_BIAS=with_bias, **blocks)
+    return dw, db
+
+
+class TritonGroupedLinear(torch.autograd.Function):
+    """y[rows of e] = x[rows of e] @ w[e] + b[e], with all three gradients from grouped kernels."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                offsets: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        ctx.save_for_backward(x, w, offsets)
+        ctx.has_bias_grad = b.requires_grad
+        return _rows(x, w.to(x.dtype), b, offsets, transpose_w=False)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w, offsets = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = _rows(grad, w.to(grad.dtype), None, offsets, transpose_w=True) \
+            if ctx.needs_input_grad[0] else None
+        grad_w = grad_b = None
+        if ctx.needs_input_grad[1] or ctx.has_bias_grad:
+            grad_w, grad_b = weight_grad(x, grad, offsets, w.size(0), w.dtype, ctx.has_bias_grad)
+        return grad_x, grad_w, grad_b, None

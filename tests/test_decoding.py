@@ -1,0 +1,192 @@
+"""Decoding modes against direct computations, batch invariance, scoring, model file, CLI."""
+import itertools
+import math
+import subprocess
+import sys
+
+import pytest
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+
+from decoding_helpers import chirp, tiny_model, units_for
+from u2moe.config import load_config
+from u2moe.model.checkpoint import load_model_file, save_model_file
+from u2moe.model.decoding.attention_beam import attention_beam_search
+from u2moe.model.decoding.ctc_greedy import ctc_greedy_search
+from u2moe.model.decoding.ctc_prefix_beam import CtcPrefixBeamSearch, ctc_prefix_beam_search
+from u2moe.model.decoding.rescoring import attention_rescoring
+from u2moe.model.decoding.scoring import score
+from u2moe.model.decoding.search import MODES, DecodeOptions, decode_batch
+
+
+def _collapse(path, blank=0):
+    out, prev = [], None
+    for u in path:
+        if u != prev and u != blank:
+            out.append(u)
+        prev = u
+    return tuple(out)
+
+
+def test_ctc_greedy_matches_per_frame_argmax_and_collapse():
+    g = torch.Generator().manual_seed(0)
+    log_probs = torch.randn(3, 12, 5, generator=g).log_softmax(-1)
+    lengths = torch.tensor([12, 7, 1])
+    got = ctc_greedy_search(log_probs, lengths)
+    for b in range(3):
+        path = log_probs[b, :lengths[b]].argmax(-1).tolist()
+        assert tuple(got[b]) == _collapse(path)
+
+
+def test_prefix_beam_without_pruning_gives_exact_prefix_probabilities():
+    """With a beam wider than every set of prefixes, each score is the total probability of all
+    alignments that collapse to the prefix: brute force over all V^T paths."""
+    g = torch.Generator().manual_seed(1)
+    t, v = 5, 3
+    log_probs = torch.randn(t, v, generator=g).log_softmax(-1)
+    totals: dict = {}
+    for path in itertools.product(range(v), repeat=t):
+        p = sum(log_probs[i, u].item() for i, u in enumerate(path))
+        key = _collapse(path)
+        totals[key] = totals.get(key, 0.0) + math.exp(p)
+    search = CtcPrefixBeamSearch(beam=1000)
+    search.step(log_probs)
+    nbest = search.nbest()
+    assert len(nbest) == len(totals)
+    for hyp, s in nbest:
+        assert math.exp(s) == pytest.approx(totals[tuple(hyp)], rel=1e-5)
+    assert tuple(nbest[0][0]) == max(totals, key=totals.get)
+
+
+def test_prefix_beam_is_resumable_and_batched():
+    g = torch.Generator().manual_seed(2)
+    log_probs = torch.randn(2, 30, 7, generator=g).log_softmax(-1)
+    lengths = torch.tensor([30, 21])
+    batched = ctc_prefix_beam_search(log_probs, lengths, beam=4)
+    for b in range(2):
+        search = CtcPrefixBeamSearch(beam=4)
+        frames = log_probs[b, :lengths[b]]
+        for start, end in [(0, 3), (3, 13), (13, 14), (14, 30)]:
+            search.step(frames[start:end])
+        assert search.nbest() == batched[b]
+
+
+def _direct_sequence_logp(decoder, memory, tokens, sos):
+    """log P(tokens <eos>) with the decoder run on this one sequence, no padding."""
+    ys_in = torch.tensor([[sos] + tokens])
+    logits = decoder(memory, torch.ones(1, memory.size(1), dtype=torch.bool), ys_in, torch.tensor([len(tokens) + 1]))
+    logp = F.log_softmax(logits[0], -1)
+    return sum(logp[i, y].item() for i, y in enumerate(tokens + [sos]))
+
+
+@pytest.mark.parametrize("preset", ["tiny_dense", "tiny_moe"])
+def test_attention_rescoring_is_the_u2pp_combination_of_direct_scores(preset):
+    model = tiny_model(preset)
+    feats, lens = torch.randn(2, 90, 80), torch.tensor([90, 61])
+    ctc_w, rev_w = 0.3, 0.4
+    with torch.no_grad():
+        memory, valid = model.encoder(feats, lens)
+        nbests = [[([5, 6, 7], -3.0), ([9], -1.0), ([], -6.0)], [([4, 4, 8, 3, 2], -2.0), ([8], -2.5)]]
+        best = attention_rescoring(model, memory, valid, nbests, ctc_w, rev_w)
+        for b, nbest in enumerate(nbests):
+            mem = memory[b:b + 1, :int(valid[b].sum())]
+            direct = []
+            for hyp, ctc in nbest:
+                l2r = _direct_sequence_logp(model.decoder.left_decoder, mem, hyp, model.sos)
+                r2l = _direct_sequence_logp(model.decoder.right_decoder, mem, hyp[::-1], model.sos)
+                direct.append((1 - rev_w) * l2r + rev_w * r2l + ctc_w * ctc)
+            assert best[b] == nbest[max(range(len(nbest)), key=direct.__getitem__)][0]
+
+
+def test_attention_beam_of_one_is_greedy_decoding():
+    model = tiny_model("tiny_dense")
+    feats, lens = torch.randn(2, 80, 80), torch.tensor([80, 50])
+    with torch.no_grad():
+        memory, valid = model.encoder(feats, lens)
+        got = attention_beam_search(model, memory, valid, beam=1, max_len=6)
+        for b in range(2):
+            mem = memory[b:b + 1, :int(valid[b].sum())]
+            ys = [model.sos]
+            for _ in range(6):
+                logits = model.decoder.left_decoder(mem, torch.ones(1, mem.size(1), dtype=torch.bool),
+                                                    torch.tensor([ys]), torch.tensor([len(ys)]))
+                nxt = int(logits[0, -1].argmax())
+                if nxt == model.eos:
+                    break
+                ys.append(nxt)
+            assert got[b] == ys[1:]
+
+
+@pytest.mark.parametrize("preset,chunk", [("tiny_dense", -1), ("tiny_moe", -1), ("tiny_moe", 4)])
+def test_every_mode_decodes_a_padded_batch_as_each_utterance_alone(preset, chunk):
+    model = tiny_model(preset)
+    g = torch.Generator().manual_seed(3)
+    feats, lens = torch.randn(3, 70, 80, generator=g), torch.tensor([70, 52, 33])
+    opts = DecodeOptions(beam=3, chunk_size=chunk)
+    batched = decode_batch(model, feats, lens, list(MODES), opts)
+    for b in range(3):
+        alone = decode_batch(model, feats[b:b + 1, :lens[b]], lens[b:b + 1], list(MODES), opts)
+        for mode in MODES:
+            assert batched[mode][b] == alone[mode][0], mode
+
+
+def test_score_counts_against_hand_computed_edits():
+    s = score(["A B C", "X Y"], ["A C D", ""])
+    # Words: A=, B deleted, C=, D inserted -> or B->C sub, C->D sub; jiwer's alignment: 2 S.
+    assert (s.wer.substitutions + s.wer.deletions + s.wer.insertions) == 4
+    assert s.wer.reference_length == 5 and s.wer.rate == pytest.approx(4 / 5)
+    assert s.cer.reference_length == 8 and s.utterances == 2
+
+
+def test_model_file_round_trip_and_errors(tmp_path):
+    cfg = load_config("tiny_moe")
+    model = tiny_model("tiny_moe")
+    units = units_for(cfg.model.vocab_size)
+    save_model_file(tmp_path / "model.pt", model, cfg, [f"{u} {i}" for i, u in enumerate(units)])
+    loaded, config, got_units = load_model_file(tmp_path / "model.pt")
+    assert got_units == units and config["model"]["vocab_size"] == cfg.model.vocab_size
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    torch.save({"format": "other"}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="bad.pt: not a u2moe-model-v1"):
+        load_model_file(tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="3 units"):
+        save_model_file(tmp_path / "x.pt", model, cfg, units[:3])
+
+
+def test_decode_command_writes_hypotheses_and_scores(tmp_path):
+    cfg = load_config("tiny_dense")
+    model = tiny_model("tiny_dense")
+    save_model_file(tmp_path / "model.pt", model, cfg, units_for(cfg.model.vocab_size))
+    data = tmp_path / "data"
+    (data / "audio").mkdir(parents=True)
+    keys = ["utt1", "utt2", "utt3"]
+    for i, key in enumerate(keys):
+        sf.write(data / "audio" / f"{key}.wav", chirp(0.6 + 0.3 * i, i).numpy(), 16000)
+    (data / "wav.scp").write_text("".join(f"{k} audio/{k}.wav\n" for k in keys))
+    (data / "text").write_text("".join(f"{k} HELLO WORLD\n" for k in keys))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "u2moe", "decode", "--model", str(tmp_path / "model.pt"),
+                           "--data-dir", str(data), "--modes", "ctc_greedy,attention_rescoring",
+                           "--beam", "3", "--batch-size", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    greedy = (out / "ctc_greedy.txt").read_text().splitlines()
+    assert [line.split(" ", 1)[0] for line in greedy] == keys
+    # Units are joined with the word boundary as a space, as the tokenizer decodes them.
+    feats_hyp = decode_batch(model, *_feats_of(data, keys), ["ctc_greedy"], DecodeOptions())["ctc_greedy"]
+    units = units_for(cfg.model.vocab_size)
+    for line, ids in zip(greedy, feats_hyp):
+        expected = "".join(units[i] for i in ids).replace("\u2581", " ").strip()
+        assert line.split(" ", 1)[1:] == ([expected] if expected else [])
+    assert "ctc_greedy: CER" in proc.stdout and "utts 3" in proc.stdout
+    assert (out / "attention_rescoring.txt").is_file() and (out / "wer.json").is_file()
+
+
+def _feats_of(data, keys):
+    from u2moe.data_prep.config import DataConfig
+    from u2moe.model.decoding.data import fbank, pad_features
+
+    waves = [torch.from_numpy(sf.read(data / "audio" / f"{k}.wav", dtype="float32")[0]) for k in keys]
+    return pad_features([fbank(w, DataConfig()) for w in waves])
