@@ -14,6 +14,7 @@ import sys
 _REGISTRARS = [
     "u2moe.model.cli",
     "u2moe.data_prep.cli",
+    "u2moe.trainer.cli",
 ]
 # Modules whose `register_bench(subparsers)` adds `u2moe bench ...` commands.
 _BENCH_REGISTRARS: list[str] = [

@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from u2moe.data_prep.config import DataConfig
 from u2moe.dataconf import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from u2moe.model.config import ModelConfig
+from u2moe.trainer.config import OptimConfig, TrainConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -18,6 +20,9 @@ PRESET_DIR = Path(__file__).parent / "presets"
 @dataclass
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def preset_names() -> list[str]:

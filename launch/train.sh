@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Single node, every GPU of it (or N CPU processes where there is none), through the deepspeed
+# launcher. Everything after the options goes to `u2moe train`.
+#
+#   launch/train.sh [--gpus N] [--port P] -- --config moe_1b --ds-config ds_configs/zero2_bf16.json \
+#       --train-shards data/train/shards.list --dev-shards data/dev/shards.list \
+#       --units data/units --cmvn data/cmvn.json --exp-dir exp/moe_1b --set train.expert_parallel_size=8
+set -euo pipefail
+gpus=""
+port=${MASTER_PORT:-29500}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --gpus) gpus=$2; shift 2 ;;
+    --port) port=$2; shift 2 ;;
+    --) shift; break ;;
+    *) break ;;
+  esac
+done
+if [ -z "$gpus" ]; then
+  gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+  [ "$gpus" -gt 0 ] || gpus=2  # no GPU: two CPU processes (gloo)
+fi
+exec deepspeed --num_gpus "$gpus" --master_port "$port" --no_local_rank --module u2moe train "$@"

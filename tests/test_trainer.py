@@ -1,0 +1,142 @@
+"""The DeepSpeed trainer: config ownership, schedule, resume after SIGKILL, uneven data, export."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from trainer_helpers import (kill_all, prepare_corpus, run, start, train_command, train_losses,
+                             wait_for)
+from u2moe.trainer.config import TrainConfig
+from u2moe.trainer.ds_config import DeepSpeedConfigError, load_ds_config
+from u2moe.trainer.scheduler import warmup_lr
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return prepare_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def test_ds_config_refuses_what_the_yaml_owns(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}))
+    with pytest.raises(DeepSpeedConfigError, match=r"ds\.json.*gradient_clipping.*train\.grad_clip"):
+        load_ds_config(path, TrainConfig(), 2)
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(DeepSpeedConfigError, match="stage 3"):
+        load_ds_config(path, TrainConfig(), 2)
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
+    cfg = load_ds_config(path, TrainConfig(grad_clip=3.0, accum_grad=4), 2)
+    assert (cfg["gradient_clipping"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"]) == (3.0, 4, 8)
+
+
+def test_warmup_lr_follows_wenet_formula():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=0.002)
+    sched = warmup_lr(opt, warmup_steps=100)
+    seen = []
+    for _ in range(300):
+        seen.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    for i, lr in enumerate(seen):
+        step = i + 1
+        assert lr == pytest.approx(0.002 * 100 ** 0.5 * min(step ** -0.5, step * 100 ** -1.5))
+    assert max(seen) == pytest.approx(0.002) and seen.index(max(seen)) == 99
+
+
+@pytest.mark.slow
+def test_killed_two_process_run_resumes_and_matches_the_uninterrupted_run(corpus, tmp_path):
+    # Two ranks with expert parallelism 2 and ZeRO-2: each rank holds 4 of the 8 experts.
+    extra = ["train.save_interval=4", "train.max_epochs=3", "train.max_steps=9",
+             "train.expert_parallel_size=2"]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+    run(train_command(corpus, ref_dir, nproc=2, extra=[*extra, "train.keep_checkpoints=10"]),
+        timeout=600, log=tmp_path / "ref.log")
+    reference = train_losses(ref_dir)
+    last_step = max(reference)
+    assert last_step == 9
+
+    cmd = train_command(corpus, run_dir, nproc=2, extra=extra)
+    proc = start(cmd, tmp_path / "killed.log")
+    # Killed mid-epoch, one step after the step-4 checkpoint.
+    wait_for(lambda: 5 in _logged_steps(run_dir), 600, proc)
+    kill_all(proc)
+    run(cmd, timeout=600, log=tmp_path / "resumed.log")
+    assert "resumed from step 4" in (tmp_path / "resumed.log").read_text()
+    resumed = train_losses(run_dir)
+    assert max(resumed) == last_step
+    for step in range(5, last_step + 1):
+        for term in ("loss", "loss_ctc", "loss_att"):
+            assert resumed[step][term] == pytest.approx(reference[step][term], rel=1e-3), (step, term)
+        assert resumed[step]["grad_norm"] == pytest.approx(reference[step]["grad_norm"], rel=1e-3)
+
+    _check_export(corpus, ref_dir, tmp_path)
+
+
+def _check_export(corpus, exp_dir, tmp_path):
+    """model.pt from an expert-parallel run, loaded by one process holding all experts."""
+    from u2moe.config import load_config
+    from u2moe.data_prep import Tokenizer, build_dataloader
+    from u2moe.model.checkpoint import load_model_file
+    from u2moe.trainer.checkpoint import list_tags, read_fp32_weights
+    from u2moe.trainer.export import export_model
+
+    # Averaging: the mean of the last two checkpoints' fp32 weights, experts of both ranks merged.
+    used = export_model(exp_dir, tmp_path / "avg.pt", average=2)
+    assert used == list_tags(exp_dir / "checkpoints")[-2:]
+    model, config, units = load_model_file(tmp_path / "avg.pt")
+    a, b = (read_fp32_weights(exp_dir / "checkpoints" / t) for t in used)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, (a[name].double() + b[name].double()).div(2).float())
+    assert len(units) == corpus["vocab"] and config["model"]["vocab_size"] == corpus["vocab"]
+    assert model.moe_layers()[0][1].experts.w1.size(0) == 8
+
+    # Outputs: the dev loss the two expert-parallel ranks logged at the epoch-end checkpoint,
+    # recomputed by one process from the exported file.
+    dev = next(r for r in map(json.loads, (exp_dir / "metrics.jsonl").read_text().splitlines())
+               if r["split"] == "dev")
+    export_model(exp_dir, tmp_path / "model.pt", tag=f"step_{dev['step']:08d}")
+    model, _, _ = load_model_file(tmp_path / "model.pt")
+    cfg = load_config(exp_dir / "train.yaml")
+    loader = build_dataloader(corpus["dev"], Tokenizer.load(corpus["units"]), cfg.data, train=False,
+                              seed=cfg.train.seed, rank=0, world_size=1)
+    total, utts = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            out = model(batch["feats"], batch["feats_lengths"], batch["target"], batch["target_lengths"])
+            total += float(out["loss"]) * len(batch["keys"])
+            utts += len(batch["keys"])
+    assert utts == 8
+    assert total / utts == pytest.approx(dev["loss"], rel=1e-4)
+
+    # Warm start: a one-process run (expert parallelism 1) starts from that file; with a
+    # vanishing learning rate its first checkpoint holds the same weights.
+    warm = tmp_path / "warm"
+    run(train_command(corpus, warm, nproc=1, extra=["train.max_steps=1", "optim.lr=1e-12"])
+        + ["--init-model", str(tmp_path / "model.pt")], timeout=600, log=tmp_path / "warm.log")
+    export_model(warm, tmp_path / "warm.pt")
+    started, _, _ = load_model_file(tmp_path / "warm.pt")
+    for name, value in started.state_dict().items():
+        torch.testing.assert_close(value, model.state_dict()[name], atol=1e-6, rtol=0, msg=name)
+
+
+def _logged_steps(exp_dir):
+    try:
+        return train_losses(exp_dir)
+    except (FileNotFoundError, ValueError):  # not written yet, or a line half-written
+        return {}
+
+
+@pytest.mark.slow
+def test_uneven_shards_end_the_epoch_on_every_rank(tmp_path):
+    # 5 shards over 2 ranks: one rank reads 3 (36 utterances), the other 2 (one of them small).
+    data = prepare_corpus(tmp_path / "uneven", train_utts=52, utts_per_shard=12)
+    run(train_command(data, tmp_path / "exp", nproc=2, extra=["train.max_epochs=2", "train.save_interval=0"]),
+        timeout=600, log=tmp_path / "uneven.log")
+    log = (tmp_path / "uneven.log").read_text()
+    assert "dev step" in log
+    records = train_losses(tmp_path / "exp")
+    assert records and all(math.isfinite(r["loss"]) for r in records.values())

@@ -1,0 +1,52 @@
+"""Trainer subcommands: `u2moe train` and `u2moe export`."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace) -> int:
+    from u2moe.config import load_config
+    from u2moe.trainer.distributed import init_distributed
+    from u2moe.trainer.train import TrainPaths, run_training
+
+    cfg = load_config(args.config, args.set)  # before any process group: bad keys fail fast
+    info = init_distributed()
+    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
+                        format=f"%(asctime)s [rank {info.rank}] %(message)s")
+    paths = TrainPaths(args.train_shards, args.dev_shards, args.units, args.cmvn, Path(args.exp_dir),
+                       args.ds_config, args.init_model)
+    run_training(cfg, paths, info, args.max_steps)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from u2moe.trainer.export import export_model
+
+    used = export_model(Path(args.exp_dir), Path(args.out), args.average, args.tag)
+    print(f"wrote {args.out} from {', '.join(used)}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train with DeepSpeed (under deepspeed, torchrun, srun, or alone)")
+    p.add_argument("--config", required=True, help="preset name or experiment yaml")
+    p.add_argument("--ds-config", required=True, help="DeepSpeed JSON (ds_configs/)")
+    p.add_argument("--train-shards", required=True, help="shards.list of the training set")
+    p.add_argument("--dev-shards", required=True, help="shards.list of the dev set")
+    p.add_argument("--units", required=True, help="units directory (u2moe prep units)")
+    p.add_argument("--cmvn", required=True, help="global CMVN JSON (u2moe prep cmvn)")
+    p.add_argument("--exp-dir", required=True, help="run directory: config, checkpoints, TensorBoard")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--init-model", default=None, help="warm start from an exported model.pt")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. optim.lr=5e-4 (repeatable)")
+    p.set_defaults(handler=_train)
+
+    p = sub.add_parser("export", help="consolidate checkpoints into one fp32 model.pt")
+    p.add_argument("--exp-dir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--average", type=int, default=1, help="average the last N checkpoints")
+    p.add_argument("--tag", default=None, help="export (or end the average at) this checkpoint, e.g. step_00005000")
+    p.set_defaults(handler=_export)

@@ -1,0 +1,54 @@
+"""The `optim:` and `train:` sections of an experiment yaml."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from u2moe.dataconf import ConfigError
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with WeNet's WarmupLR: linear warmup, then decay as 1/sqrt(step)."""
+
+    lr: float = 1.0e-3
+    weight_decay: float = 1.0e-6
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1.0e-8
+    warmup_steps: int = 25000
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.weight_decay < 0 or self.eps <= 0:
+            raise ConfigError("optim needs lr > 0, weight_decay >= 0, eps > 0")
+        if self.warmup_steps < 1:
+            raise ConfigError("optim.warmup_steps must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    max_epochs: int = 100
+    # 0: no limit; the run stops at whichever of max_epochs / max_steps comes first.
+    max_steps: int = 0
+    grad_clip: float = 5.0
+    accum_grad: int = 1
+    # Experts are split over this many ranks; the world size must be a multiple of it.
+    expert_parallel_size: int = 1
+    seed: int = 777
+    num_workers: int = 2
+    prefetch_factor: int = 4
+    log_interval: int = 100
+    # Steps between dev evaluations and checkpoints (0: only at epoch end).
+    eval_interval: int = 0
+    save_interval: int = 0
+    keep_checkpoints: int = 5
+    # Dev batches to evaluate (0: the whole dev set).
+    max_eval_batches: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_epochs < 1 or self.max_steps < 0:
+            raise ConfigError("train needs max_epochs >= 1 and max_steps >= 0")
+        if self.grad_clip <= 0 or self.accum_grad < 1 or self.expert_parallel_size < 1:
+            raise ConfigError("train needs grad_clip > 0, accum_grad >= 1, expert_parallel_size >= 1")
+        if self.num_workers < 0 or self.log_interval < 1 or self.keep_checkpoints < 1:
+            raise ConfigError("train needs num_workers >= 0, log_interval >= 1, keep_checkpoints >= 1")
+        if min(self.eval_interval, self.save_interval, self.max_eval_batches) < 0:
+            raise ConfigError("train intervals must be >= 0")

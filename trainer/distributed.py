@@ -1,0 +1,65 @@
+"""Process-group set-up for every way the trainer is started.
+
+The `deepspeed` launcher and `torchrun` export RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR /
+MASTER_PORT; `srun` (one task per GPU) exports SLURM_* instead, which are translated here; a plain
+`python -m u2moe train` is a world of one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _slurm_env() -> None:
+    """Fill the torch.distributed variables from SLURM's when srun started one task per process."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    if "MASTER_ADDR" not in os.environ:
+        nodes = os.environ.get("SLURM_JOB_NODELIST", "localhost")
+        first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True,
+                               text=True).stdout.split()
+        os.environ["MASTER_ADDR"] = first[0] if first else "localhost"
+    # A port derived from the job id: two jobs sharing a node do not collide.
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+def init_distributed() -> DistInfo:
+    import deepspeed
+
+    _slurm_env()
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    # DeepSpeed logs every engine detail at INFO on every rank; our progress lines say what matters.
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    return DistInfo(int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"]), device)

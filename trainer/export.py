@@ -1,0 +1,49 @@
+"""`u2moe export`: one consolidated fp32 `model.pt` from a run's checkpoints, optionally averaged."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from u2moe.dataconf import ConfigError
+from u2moe.trainer.checkpoint import list_tags, read_fp32_weights
+
+
+def average_weights(tag_dirs: list[Path]) -> dict[str, torch.Tensor]:
+    """Element-wise mean of the checkpoints' fp32 weights (WeNet's average_model, in fp64)."""
+    total: dict[str, torch.Tensor] = {}
+    for tag_dir in tag_dirs:
+        for name, value in read_fp32_weights(tag_dir).items():
+            total[name] = total[name] + value.double() if name in total else value.double()
+    return {name: (value / len(tag_dirs)).float() for name, value in total.items()}
+
+
+def export_model(exp_dir: Path, out: Path, average: int = 1, tag: str | None = None) -> list[str]:
+    """Write `out` from the `average` checkpoints of `exp_dir` ending at `tag` (default: the
+    newest); returns the tags used."""
+    from u2moe.config import ExperimentConfig
+    from u2moe.dataconf import from_dict
+    from u2moe.data_prep.tokenizer import read_units
+    from u2moe.model import U2Model
+    from u2moe.model.checkpoint import save_model_file
+
+    ckpt_root = exp_dir / "checkpoints"
+    tags = list_tags(ckpt_root)
+    if not tags:
+        raise ConfigError(f"{ckpt_root}: no complete checkpoint to export")
+    if tag is not None:
+        if tag not in tags:
+            raise ConfigError(f"{ckpt_root}: no complete checkpoint '{tag}' (have: {', '.join(tags)})")
+        tags = tags[:tags.index(tag) + 1]
+    if average < 1 or average > len(tags):
+        raise ConfigError(f"--average {average}: {ckpt_root} has {len(tags)} checkpoints to average")
+    used = tags[-average:]
+    cfg = from_dict(ExperimentConfig, yaml.safe_load((exp_dir / "train.yaml").read_text()),
+                    source=str(exp_dir / "train.yaml"))
+    units_dir = Path(json.loads((exp_dir / "paths.json").read_text())["units"])
+    model = U2Model(cfg.model)
+    model.load_state_dict(average_weights([ckpt_root / t for t in used]), strict=True)
+    save_model_file(out, model, cfg, read_units(units_dir / "units.txt"))
+    return used

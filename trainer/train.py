@@ -1,0 +1,294 @@
+"""The training loop: DeepSpeed engine, dynamic batches, lock-step ranks, eval, checkpoints."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from u2moe.config import ExperimentConfig
+from u2moe.dataconf import ConfigError, to_dict
+from u2moe.trainer.checkpoint import load_latest, save_checkpoint
+from u2moe.trainer.distributed import DistInfo
+from u2moe.trainer.progress import Reporter, ThroughputMeter, gpu_memory_gb
+
+logger = logging.getLogger("u2moe.train")
+
+
+@dataclass
+class TrainPaths:
+    train_shards: str
+    dev_shards: str
+    units: str
+    cmvn: str
+    exp_dir: Path
+    ds_config: str
+    init_model: str | None = None
+
+
+def _reduce_flag(flag: bool, device: torch.device, op: Any) -> bool:
+    value = torch.tensor([1 if flag else 0], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=op)
+    return bool(value.item())
+
+
+def every_rank(flag: bool, device: torch.device) -> bool:
+    """Ranks step in lock-step (gradient all-reduce, expert all-to-all): when the first rank's
+    data ends, all ranks end the epoch together instead of waiting forever for it."""
+    return _reduce_flag(flag, device, dist.ReduceOp.MIN)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    return _reduce_flag(flag, device, dist.ReduceOp.MAX)
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig, paths: TrainPaths, info: DistInfo):
+        import deepspeed
+
+        from u2moe.data_prep import FeatureExtractor, Tokenizer
+        from u2moe.model import U2Model
+        from u2moe.model.cmvn import GlobalCMVN, load_cmvn
+        from u2moe.model.moe.parallel import enable_expert_parallel
+        from u2moe.trainer.ds_config import load_ds_config, precision
+        from u2moe.trainer.optim import build_optimizer
+        from u2moe.trainer.scheduler import warmup_lr
+
+        self.cfg, self.paths, self.info = cfg, paths, info
+        self.tokenizer = Tokenizer.load(paths.units)
+        if self.tokenizer.vocab_size != cfg.model.vocab_size:
+            raise ConfigError(f"{paths.units}: {self.tokenizer.vocab_size} units, but model.vocab_size is "
+                             f"{cfg.model.vocab_size}; set --set model.vocab_size={self.tokenizer.vocab_size}")
+        ds_cfg = load_ds_config(paths.ds_config, cfg.train, info.world_size)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision(ds_cfg)]
+        torch.manual_seed(cfg.train.seed)
+        model = U2Model(cfg.model, GlobalCMVN(*load_cmvn(paths.cmvn)))
+        if paths.init_model:
+            self._warm_start(model, paths.init_model)
+        if model.moe_layers():
+            # After the warm start: the full model's experts are sliced for this rank here, so a
+            # model.pt from any expert-parallel size starts any other.
+            if info.world_size % cfg.train.expert_parallel_size:
+                raise ConfigError(f"train.expert_parallel_size={cfg.train.expert_parallel_size} does not "
+                                  f"divide the world size {info.world_size}")
+            enable_expert_parallel(model, cfg.train.expert_parallel_size)
+        optimizer = build_optimizer(model, cfg.optim)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=warmup_lr(optimizer, cfg.optim.warmup_steps),
+            config=ds_cfg)
+        self.model = model
+        self.features = FeatureExtractor(cfg.data).to(info.device) if cfg.data.device_features else None
+        self.ckpt_root = paths.exp_dir / "checkpoints"
+        self.reporter = Reporter(paths.exp_dir, info.is_main)
+        self.epoch = 0
+        self.batches_in_epoch = 0
+        self.last_saved_step = -1
+
+    # ----------------------------------------------------------------------------------- set-up
+    def _warm_start(self, model: torch.nn.Module, path: str) -> None:
+        from u2moe.model.checkpoint import load_model_file
+
+        source, _, _ = load_model_file(path)
+        missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+        if missing or unexpected:
+            raise ConfigError(f"{path}: does not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+    def _loader(self, shards: str, train: bool):
+        from u2moe.data_prep import build_dataloader
+
+        t = self.cfg.train
+        return build_dataloader(shards, self.tokenizer, self.cfg.data, train=train, seed=t.seed,
+                                rank=self.info.rank, world_size=self.info.world_size,
+                                num_workers=t.num_workers, prefetch_factor=t.prefetch_factor,
+                                pin_memory=self.info.device.type == "cuda")
+
+    # ----------------------------------------------------------------------------------- steps
+    def _inputs(self, batch: dict[str, Any], train: bool) -> tuple[torch.Tensor, ...]:
+        device = self.info.device
+        if self.features is not None:
+            self.features.train(train)
+            feats, lens = self.features(batch["wavs"].to(device, non_blocking=True),
+                                        batch["wav_lengths"].to(device, non_blocking=True))
+        else:
+            feats = batch["feats"].to(device, non_blocking=True)
+            lens = batch["feats_lengths"].to(device, non_blocking=True)
+        return (feats.to(self.dtype), lens, batch["target"].to(device, non_blocking=True),
+                batch["target_lengths"].to(device, non_blocking=True))
+
+    def _client_state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "config": to_dict(self.cfg)}
+
+    def save(self) -> None:
+        if self.last_saved_step == self.engine.global_steps:  # e.g. save_interval hit the last step
+            return
+        self.last_saved_step = self.engine.global_steps
+        save_checkpoint(self.engine, self.ckpt_root, self.engine.global_steps, self._client_state(),
+                        self.cfg.train.expert_parallel_size, self.cfg.train.keep_checkpoints)
+        self.reporter.line(f"checkpoint {self.ckpt_root} step {self.engine.global_steps}")
+
+    def resume(self) -> None:
+        state = load_latest(self.engine, self.ckpt_root, self.cfg.train.expert_parallel_size)
+        if state is None:
+            return
+        self.epoch, self.batches_in_epoch = state["epoch"], state["batches_in_epoch"]
+        self.reporter.line(f"resumed from step {self.engine.global_steps} (epoch {self.epoch}, "
+                           f"{self.batches_in_epoch} batches into it)")
+
+    def _expert_load(self) -> torch.Tensor | None:
+        layers = self.model.moe_layers()
+        if not layers or layers[0][1].last_tokens_per_expert is None:
+            return None
+        return torch.stack([m.last_tokens_per_expert.float() for _, m in layers])
+
+    def train(self) -> None:
+        t = self.cfg.train
+        loader = self._loader(self.paths.train_shards, train=True)
+        dev_loader = self._loader(self.paths.dev_shards, train=False)
+        meter = ThroughputMeter(self.info.device)
+        load_sum: torch.Tensor | None = None
+        done = bool(t.max_steps) and self.engine.global_steps >= t.max_steps
+        while self.epoch < t.max_epochs and not done:
+            loader.set_epoch(self.epoch)
+            self.engine.train()
+            batches = iter(loader)
+            for _ in range(self.batches_in_epoch):  # resume mid-epoch: the same stream, fast-forwarded
+                next(batches, None)
+            while True:
+                batch = next(batches, None)
+                if not every_rank(batch is not None, self.info.device):
+                    break
+                feats, lens, target, target_lens = self._inputs(batch, train=True)
+                out = self.engine(feats, lens, target, target_lens)
+                self.engine.backward(out["loss"])
+                boundary = self.engine.is_gradient_accumulation_boundary()
+                self.engine.step()
+                self.batches_in_epoch += 1
+                meter.add(int(lens.sum()), sum(batch["durations"]),
+                          {k: v.detach() for k, v in out.items()})
+                load = self._expert_load()
+                if load is not None:
+                    load_sum = load if load_sum is None else load_sum + load
+                if not boundary:
+                    continue
+                step = self.engine.global_steps
+                if step % t.log_interval == 0:
+                    self._log(step, meter, load_sum)
+                    load_sum = None
+                if t.eval_interval and step % t.eval_interval == 0:
+                    self.evaluate(dev_loader, step)
+                    self.engine.train()
+                if t.save_interval and step % t.save_interval == 0:
+                    self.save()
+                if t.max_steps and step >= t.max_steps:
+                    done = True
+                    break
+            if not done:
+                self.epoch += 1
+                self.batches_in_epoch = 0
+                self.evaluate(dev_loader, self.engine.global_steps)
+            self.save()
+        self.reporter.close()
+
+    def _log(self, step: int, meter: ThroughputMeter, load_sum: torch.Tensor | None) -> None:
+        stats = meter.report()
+        stats["lr"] = self.scheduler.get_last_lr()[0]
+        grad_norm = self.engine.get_global_grad_norm()
+        stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        stats["gpu_mem_gb"] = gpu_memory_gb(self.info.device)
+        if load_sum is not None:
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(load_sum)
+            fractions = load_sum / load_sum.sum(dim=1, keepdim=True).clamp(min=1)
+            stats["expert_load_max"] = float(fractions.max()) * fractions.size(1)
+            if self.reporter.enabled:
+                for (name, _), row in zip(self.model.moe_layers(), fractions.tolist()):
+                    self.reporter.scalars(f"expert_load/{name}", {f"e{i}": f for i, f in enumerate(row)}, step)
+        losses = " ".join(f"{k} {v:.3f}" for k, v in stats.items() if k.startswith("loss"))
+        self.reporter.line(
+            f"epoch {self.epoch} step {step} {losses} lr {stats['lr']:.2e} grad_norm {stats['grad_norm']:.3f} "
+            f"frames/s {stats['frames_per_s']:.0f} audio_s/s {stats['audio_s_per_s']:.1f} "
+            f"mem {stats['gpu_mem_gb']:.1f}GB")
+        self.reporter.scalars("train", stats, step)
+
+    @torch.no_grad()
+    def evaluate(self, dev_loader: Any, step: int) -> dict[str, float]:
+        """Dev losses (averaged over the utterances of all ranks) and CTC-greedy CER/WER.
+
+        Ranks run forward passes in lock-step (expert all-to-all), so a rank whose dev data is
+        exhausted keeps stepping on a placeholder batch, with zero weight, until every rank is done.
+        """
+        from u2moe.model.decoding.ctc_greedy import ctc_greedy_search
+        from u2moe.model.decoding.scoring import score
+
+        self.engine.eval()
+        model = self.engine.module
+        dev_loader.set_epoch(0)
+        limit = self.cfg.train.max_eval_batches
+        sums: dict[str, float] = {}
+        pairs: list[tuple[str, str]] = []
+        utts = count = 0
+        batches = iter(dev_loader)
+        while True:
+            batch = next(batches, None) if not limit or count < limit else None
+            if not any_rank(batch is not None, self.info.device):
+                break
+            real = batch is not None
+            batch = batch if real else self._placeholder_batch()
+            feats, lens, target, target_lens = self._inputs(batch, train=False)
+            memory, valid = model.encoder(feats, lens)
+            count += 1
+            # A placeholder still runs the decoders (their MoE layers exchange frames too) and
+            # names the loss terms, so every rank reduces the same list.
+            weight = len(batch["keys"]) if real else 0
+            for k, v in model.losses(memory, valid, target, target_lens).items():
+                sums[k] = sums.get(k, 0.0) + float(v) * weight
+            if not real:
+                continue
+            utts += weight
+            hyps = ctc_greedy_search(model.ctc.log_softmax(memory), valid.sum(1))
+            for ref, hyp in zip(batch["target"].tolist(), hyps):
+                pairs.append((self.tokenizer.decode([t for t in ref if t >= 0]), self.tokenizer.decode(hyp)))
+        names = sorted(sums)
+        total = torch.tensor([utts] + [sums.get(k, 0.0) for k in names], dtype=torch.float64,
+                             device=self.info.device)
+        gathered = [pairs]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(total)
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, pairs)
+        result = {k: v / max(total[0].item(), 1) for k, v in zip(names, total[1:].tolist())}
+        all_pairs = [p for part in gathered for p in part]
+        if all_pairs:
+            errors = score([r for r, _ in all_pairs], [h for _, h in all_pairs])
+            result.update(cer=100 * errors.cer.rate, wer=100 * errors.wer.rate)
+        self.reporter.line(f"dev step {step} utts {int(total[0])} " +
+                           " ".join(f"{k} {v:.3f}" for k, v in result.items()))
+        self.reporter.scalars("dev", result, step)
+        return result
+
+    def _placeholder_batch(self) -> dict[str, Any]:
+        """One second of silence with a one-token transcript: keeps a rank in lock-step."""
+        mel = self.cfg.data.fbank.num_mel_bins
+        rate = self.cfg.data.sample_rate
+        return {"keys": ["<placeholder>"], "feats": torch.zeros(1, 100, mel),
+                "feats_lengths": torch.tensor([100]), "wavs": torch.zeros(1, rate),
+                "wav_lengths": torch.tensor([rate]), "target": torch.tensor([[1]]),
+                "target_lengths": torch.tensor([1]), "durations": [1.0]}
+
+
+def run_training(cfg: ExperimentConfig, paths: TrainPaths, info: DistInfo, max_steps: int | None) -> None:
+    if max_steps is not None:
+        cfg.train.max_steps = max_steps
+    paths.exp_dir.mkdir(parents=True, exist_ok=True)
+    if info.is_main:
+        (paths.exp_dir / "train.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (paths.exp_dir / "paths.json").write_text(json.dumps({k: str(v) for k, v in vars(paths).items()}, indent=1))
+    trainer = Trainer(cfg, paths, info)
+    trainer.resume()
+    trainer.train()
