@@ -13,9 +13,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _dtype_min(dtype: torch.dtype) -> float:
+    """torch.finfo(dtype).min, written out: TorchScript has no torch.finfo."""
+    if dtype == torch.float16:
+        return -65504.0
+    if dtype == torch.bfloat16:
+        return -3.3895313892515355e38
+    if dtype == torch.float64:
+        return -1.7976931348623157e308
+    return -3.4028234663852886e38
+
+
 def _additive_bias(mask: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
     keep = mask.unsqueeze(1)  # [B, 1, Tq|1, Tk], broadcast over heads
-    floor = torch.finfo(dtype).min
+    floor = _dtype_min(dtype)
     base = bias if bias is not None else torch.zeros((), dtype=dtype, device=mask.device)
     return torch.where(keep, base, torch.tensor(floor, dtype=dtype, device=mask.device))
 
@@ -53,7 +64,8 @@ class MultiHeadedAttention(nn.Module):
             q, k, v, attn_mask=_additive_bias(mask, q.dtype, bias),
             dropout_p=self.dropout_rate if self.training else 0.0,
         )
-        out = out.transpose(1, 2).reshape(q.size(0), -1, self.num_heads * self.d_k)
+        # contiguous(): the ONNX exporters cannot reshape SDPA's transposed output in place.
+        out = out.transpose(1, 2).contiguous().reshape(q.size(0), -1, self.num_heads * self.d_k)
         return self.linear_out(out)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
@@ -91,6 +103,7 @@ class RelPositionMultiHeadedAttention(MultiHeadedAttention):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
                 pos_emb: torch.Tensor | None = None, cache: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert pos_emb is not None, "relative-position attention needs pos_emb"
         q, k, v, new_cache = self._project(query, key, value, cache)
         pos = self._heads(self.linear_pos(pos_emb))  # [1, H, Tk+Tq-1, d_k]
         bias = torch.matmul(q + self.pos_bias_v.unsqueeze(1), pos.transpose(-2, -1))

@@ -1,4 +1,4 @@
-"""Model subcommands: `u2moe params`, `u2moe decode`."""
+"""Model subcommands: `u2moe params`, `u2moe decode`, `u2moe export-runtime`."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override a config value, e.g. model.encoder.num_blocks=6 (repeatable)")
     p.set_defaults(handler=_params)
     register_decoding(sub)
+    from u2moe.model.export.command import register_export_runtime
+
+    register_export_runtime(sub)
 
 
 def _decode(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ class ConformerEncoder(nn.Module):
     def output_size(self) -> int:
         return self.cfg.output_size
 
+    @torch.jit.unused  # TorchScript export (model/export) scripts forward_chunk only
     def forward(self, xs: torch.Tensor, xs_lens: torch.Tensor, decoding_chunk_size: int = 0,
                 num_decoding_left_chunks: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
         """xs [B, T, F] fbank; returns encoder output [B, T', D] and valid frames [B, T'].
@@ -71,7 +72,8 @@ class ConformerEncoder(nn.Module):
         mask = key_valid.unsqueeze(1).expand(-1, xs.size(1), -1)
         valid = key_valid[:, cached:]
         keep_from = 0 if required_cache_size < 0 else max(cached + xs.size(1) - required_cache_size, 0)
-        new_att, new_cnn = [], []
+        new_att: list[torch.Tensor] = []
+        new_cnn: list[torch.Tensor] = []
         for i, layer in enumerate(self.encoders):
             layer_att = att_cache[i] if cached > 0 else None
             layer_cnn = cnn_cache[i] if cnn_cache.dim() == 4 and cnn_cache.size(0) > 0 else None

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from u2moe.model.feed_forward import ACTIVATIONS
-from u2moe.model.moe.backends import (GROUPED_LINEAR, ExpertGroups, backend_override,
-                                      compute_dtype, select_backend)
+from u2moe.model.moe.backends import (GROUPED_LINEAR, ExpertGroups, all_experts_linear,
+                                      backend_override, combine_top_k, compute_dtype,
+                                      select_backend)
 
 
 class GroupedExperts(nn.Module):
@@ -20,7 +21,8 @@ class GroupedExperts(nn.Module):
                  dropout_rate: float):
         super().__init__()
         self.num_experts = num_experts
-        # "auto" or a name from backends.GROUPED_LINEAR, resolved per call (device, dtype);
+        # "auto" or a name from backends.GROUPED_LINEAR, resolved per call (device, dtype), or
+        # "export" (MoEFeedForward then takes the static-graph path, forward_top_k);
         # settable per layer, or for a whole run through U2MOE_EXPERT_BACKEND.
         self.backend = backend_override()
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_units))
@@ -44,6 +46,7 @@ class GroupedExperts(nn.Module):
             setattr(self, name, nn.Parameter(getattr(self, name).detach()[first:first + count].clone()))
         self.num_experts = count
 
+    @torch.jit.unused  # group sizes are host values: TorchScript and ONNX use forward_top_k
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x [M, dim] grouped by expert (group sizes `tokens_per_expert`) -> [M, dim]."""
         groups = ExpertGroups(tokens_per_expert, x.size(0))
@@ -56,3 +59,11 @@ class GroupedExperts(nn.Module):
             x = x.to(dtype)
         h = self.dropout(self.activation(linear(x, self.w1, self.b1, groups)))
         return linear(h, self.w2, self.b2, groups)
+
+    def forward_top_k(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+                      ) -> torch.Tensor:
+        """The export path: x [N, dim] unpermuted, expert_ids / weights [N, k] from the router ->
+        [N, dim], the router-weighted sum of each frame's k experts. Same math as dispatch +
+        `forward` + combine, as a static graph (backends.all_experts_linear)."""
+        h = self.dropout(self.activation(all_experts_linear(x, self.w1, self.b1)))
+        return combine_top_k(all_experts_linear(h, self.w2, self.b2), expert_ids, weights)

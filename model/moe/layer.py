@@ -40,6 +40,23 @@ class MoEFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, D]; valid [B, T] (True = real frame). Padded frames get exactly zero output."""
+        if torch.jit.is_scripting() or self.experts.backend == "export":
+            return self._forward_export(x, valid)
+        return self._forward_dispatch(x, valid)
+
+    def _forward_export(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """Inference as a static graph, for TorchScript and ONNX: every frame is routed and run
+        through all experts (GroupedExperts.forward_top_k); padded frames are zeroed after.
+        Sets neither `last_tokens_per_expert` nor `aux_loss`."""
+        flat = x.reshape(-1, x.size(-1))
+        expert_ids, weights = self.router.select(flat)
+        y = self.experts.forward_top_k(flat, expert_ids, weights)
+        if valid is not None:
+            y = y.masked_fill(~valid.reshape(-1, 1), 0.0)
+        return y.view_as(x)
+
+    @torch.jit.unused
+    def _forward_dispatch(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         flat = x.reshape(-1, x.size(-1))
         index = None
         if valid is not None:

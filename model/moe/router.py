@@ -26,6 +26,7 @@ class TopKRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # nn.Linear's default
 
+    @torch.jit.unused  # TorchScript and the exporters route through `select`
     def forward(self, x: torch.Tensor) -> Routing:
         # Routing decisions are made in fp32 whatever the training precision: in bf16, near-ties
         # between experts flip from step to step and from rank to rank.
@@ -39,6 +40,13 @@ class TopKRouter(nn.Module):
         if self.training and self.aux_loss_weight > 0 and x.size(0) > 0:
             aux_loss = self.aux_loss_weight * self._load_balancing_loss(logits, expert_ids)
         return Routing(expert_ids=expert_ids, weights=weights, aux_loss=aux_loss)
+
+    def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference routing as `forward` does it in eval mode (no noise, no loss), scriptable:
+        (expert_ids [N, k], weights [N, k] fp32). Used by the export path (`MoEFeedForward`)."""
+        logits = F.linear(x.float(), self.weight.float())
+        top_logits, expert_ids = logits.topk(self.top_k, dim=-1)
+        return expert_ids, top_logits.softmax(dim=-1)
 
     def _load_balancing_loss(self, logits: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """Switch-Transformer loss E * sum_i f_i * P_i; equals 1 when the load is uniform."""

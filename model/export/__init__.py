@@ -1,0 +1,16 @@
+"""Runtime export: TorchScript with WeNet's C++ runtime entry points, and ONNX (encoder chunk
+step, CTC head, attention decoder), dense and MoE (docs/decoding.md, "Export").
+
+- `torchscript.RuntimeModule` / `export_torchscript`: a `torch.jit.script`ed module with
+  `forward_encoder_chunk`, `ctc_activation`, `forward_attention_decoder`, `subsampling_rate`,
+  `right_context`, `sos_symbol`, `eos_symbol`, `is_bidirectional_decoder`.
+- `onnx.export_onnx`: encoder.onnx (fixed-size cache plus mask, as WeNet's export_onnx_cpu),
+  ctc.onnx, decoder.onnx.
+- `command`: `u2moe export-runtime`.
+
+MoE layers take their export path (`model/moe`: every expert on every frame, the top-k
+outputs picked after), a static graph with the same math as the training path.
+"""
+from u2moe.model.export.torchscript import RuntimeModule, export_torchscript, use_export_experts
+
+__all__ = ["RuntimeModule", "export_torchscript", "use_export_experts"]
