@@ -75,6 +75,14 @@ def encode_flac(samples: np.ndarray, rate: int) -> bytes:
     return buf.getvalue()
 
 
+def encode_wav(samples: np.ndarray, rate: int) -> bytes:
+    """WAV of int16 samples (16 bit) or int32 samples (stored as 24 bit), as encode_flac."""
+    subtype = "PCM_16" if samples.dtype == np.int16 else "PCM_24"
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format="WAV", subtype=subtype)
+    return buf.getvalue()
+
+
 @lru_cache(maxsize=16)
 def _resampler(orig: int, new: int) -> torch.nn.Module:
     # Building the sinc kernel costs more than applying it to one utterance; keep a few.

@@ -18,6 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shards.add_argument("--out", required=True, help="output directory")
     shards.add_argument("--utts-per-shard", type=int, default=1000)
     shards.add_argument("--jobs", type=int, default=1, help="shards written in parallel")
+    shards.add_argument("--audio-format", choices=("keep", "flac", "wav"), default="keep",
+                        help="keep: original bytes (default); flac/wav: re-encode what is not in that "
+                             "format, for faster decoding in training at the cost of disk")
     shards.set_defaults(handler=_shards)
 
     units = sub.add_parser("units", help="train units (sentencepiece bpe/unigram, or characters)")
@@ -57,7 +60,7 @@ def _shards(args: argparse.Namespace) -> int:
     from .shard_writer import write_shards
 
     return _run(write_shards, args.data_dir, args.out, utts_per_shard=args.utts_per_shard,
-                jobs=args.jobs, overwrite=args.overwrite)
+                jobs=args.jobs, overwrite=args.overwrite, audio_format=args.audio_format)
 
 
 def _units(args: argparse.Namespace) -> int:

@@ -94,9 +94,9 @@ class AsrDataLoader(DataLoader):
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
-        # The workers' global torch RNG (kaldi.fbank's dither) is seeded from this generator at
-        # each iteration; making it a function of (seed, epoch, rank) lets a run resumed in a later
-        # epoch draw exactly what the uninterrupted run drew.
+        # The pipeline draws from its own per-reader streams (dither included); the workers'
+        # global torch RNG, seeded from this generator at each iteration, is made a function of
+        # (seed, epoch, rank) too, so nothing a worker might draw from it breaks an exact resume.
         ds = self.dataset
         self.generator.manual_seed((ds.seed * 1000003 + ds.rank) * 100003 + epoch)
 

@@ -56,7 +56,7 @@ class SampleProcessor:
         if self.cfg.device_features:
             return Sample(raw.key, frames, duration, target, wave=wave)
         dither = self.cfg.fbank.dither if self.train else 0.0
-        feats = compute_fbank(wave, self.cfg.fbank, self.cfg.sample_rate, dither)
+        feats = compute_fbank(wave, self.cfg.fbank, self.cfg.sample_rate, dither, self.generator)
         if self.train and self.cfg.spec_aug.enabled:
             feats = spec_augment(feats[None], torch.tensor([frames]), self.cfg.spec_aug, self.generator)[0]
         return Sample(raw.key, frames, duration, target, feats=feats)

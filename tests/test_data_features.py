@@ -11,7 +11,8 @@ import torchaudio
 from test_data_support import LETTERS, make_kaldi_dir
 from u2moe.data_prep import DataConfig, FeatureExtractor, Tokenizer, build_dataloader
 from u2moe.data_prep.audio import speed_perturb
-from u2moe.data_prep.config import SpecAugConfig
+from u2moe.data_prep.config import FbankConfig, SpecAugConfig
+from u2moe.data_prep.features import KaldiFbank, compute_fbank
 from u2moe.data_prep.shard_writer import write_shards
 from u2moe.data_prep.specaug import spec_augment
 
@@ -47,6 +48,72 @@ def test_worker_fbank_equals_kaldi_fbank_of_the_decoded_audio(corpus):
     assert lengths == sorted(lengths, reverse=True)
 
 
+@pytest.mark.parametrize("fbank, rate", [
+    (FbankConfig(), 16000),
+    (FbankConfig(num_mel_bins=40, frame_length=20.0, frame_shift=12.5, dither=0.0), 16000),
+    (FbankConfig(num_mel_bins=23), 8000),
+])
+def test_compute_fbank_equals_kaldi_fbank(corpus, fbank, rate):
+    """The one production fbank against torchaudio's kaldi.fbank, the independent reference."""
+    _, _, utts = corpus
+    waves = [torch.from_numpy(sf.read(path, dtype="float32")[0]) for _, _, path in utts.values()]
+    if rate != 16000:
+        waves = [torchaudio.functional.resample(w, 16000, rate) for w in waves]
+    waves += [torch.rand(401) - 0.5, torch.rand(399) - 0.5, torch.zeros(1000)]  # one window, none, silence
+    for wave in waves:
+        if len(wave) < int(rate * fbank.frame_length / 1000):  # kaldi.fbank refuses; we give no frame
+            assert compute_fbank(wave, fbank, rate, dither=0.0).shape == (0, fbank.num_mel_bins)
+            continue
+        ref = torchaudio.compliance.kaldi.fbank(wave[None] * 32768, num_mel_bins=fbank.num_mel_bins,
+                                                frame_length=fbank.frame_length, frame_shift=fbank.frame_shift,
+                                                dither=0.0, energy_floor=0.0, sample_frequency=rate)
+        out = compute_fbank(wave, fbank, rate, dither=0.0)
+        assert out.shape == ref.shape and out.dtype == torch.float32
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # Batched with ragged lengths: each row equals its utterance alone, padding is zero.
+    lengths = torch.tensor([len(w) for w in waves])
+    padded = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
+    feats, frames = KaldiFbank(fbank, rate)(padded, lengths)
+    for i, wave in enumerate(waves):
+        n = int(frames[i])
+        torch.testing.assert_close(feats[i, :n], compute_fbank(wave, fbank, rate, 0.0), atol=1e-5, rtol=1e-5)
+        assert (feats[i, n:] == 0).all()
+
+
+def test_dither_comes_from_the_given_generator(corpus):
+    _, _, utts = corpus
+    wave = torch.from_numpy(sf.read(next(iter(utts.values()))[2], dtype="float32")[0])
+    cfg = FbankConfig()
+    clean = compute_fbank(wave, cfg, 16000, 0.0)
+    state = torch.get_rng_state()
+    a = compute_fbank(wave, cfg, 16000, 0.1, torch.Generator().manual_seed(5))
+    b = compute_fbank(wave, cfg, 16000, 0.1, torch.Generator().manual_seed(5))
+    c = compute_fbank(wave, cfg, 16000, 0.1, torch.Generator().manual_seed(6))
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is not touched
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert 0 < float((a - clean).abs().mean()) < 0.05
+    # kaldi.fbank with the same noise level perturbs as much.
+    ref = torchaudio.compliance.kaldi.fbank(wave[None] * 32768, num_mel_bins=80, dither=0.1, energy_floor=0.0)
+    assert float((a - clean).abs().mean()) == pytest.approx(float((ref - clean).abs().mean()), rel=0.2)
+
+
+def test_training_features_are_reproducible_per_seed_and_epoch(corpus):
+    shard_list, tok, _ = corpus
+    cfg = DataConfig.from_dict({"batch": {"batch_size": 6}, "spec_aug": {"enabled": False}})
+
+    def run(seed, epoch, workers):
+        torch.manual_seed(seed * 7 + epoch + 100 * workers)  # the global RNG must not matter
+        loader = build_dataloader(shard_list, tok, cfg, train=True, seed=seed, num_workers=workers)
+        loader.set_epoch(epoch)
+        return {k: f[:n] for b in loader for k, f, n in zip(b["keys"], b["feats"], b["feats_lengths"])}
+
+    first = run(1, 0, 0)
+    for other in (run(1, 0, 0), run(1, 0, 1)):
+        assert first.keys() == other.keys() and all(torch.equal(first[k], other[k]) for k in first)
+    for other in (run(2, 0, 0), run(1, 1, 0)):
+        assert all(not torch.equal(first[k], other[k]) for k in first)
+
+
 def test_feature_extractor_matches_the_cpu_path(corpus):
     (cpu,) = _batches(corpus, train=False)
     (dev,) = _batches(corpus, train=False, device_features=True)
@@ -55,7 +122,7 @@ def test_feature_extractor_matches_the_cpu_path(corpus):
     feats, lengths = extractor(dev["wavs"], dev["wav_lengths"])
     assert torch.equal(lengths, cpu["feats_lengths"])
     assert feats.shape == cpu["feats"].shape and feats.dtype == torch.float32
-    torch.testing.assert_close(feats, cpu["feats"], atol=2e-3, rtol=1e-4)
+    torch.testing.assert_close(feats, cpu["feats"], atol=1e-5, rtol=1e-5)  # the same code, batched
     assert not extractor.state_dict()  # nothing config-derived leaks into checkpoints
 
 
@@ -74,9 +141,13 @@ def test_feature_extractor_training_mode_masks_and_dithers(corpus):
         # Every zeroed cell lies in a fully masked mel band or a fully masked frame span.
         assert torch.equal(z, whole_rows[:, None] | whole_cols[None, :])
         assert 1 <= int(whole_cols.sum()) <= 2 * 10 and 1 <= int(whole_rows.sum()) <= 2 * 50
-    dithered, _ = FeatureExtractor(DataConfig.from_dict({"spec_aug": {"enabled": False}})).train()(wavs, wav_lengths)
+    dithering = FeatureExtractor(DataConfig.from_dict({"spec_aug": {"enabled": False}})).train()
+    dithered, _ = dithering(wavs, wav_lengths)
     diff = (dithered - clean).abs()
     assert 0 < float(diff.mean()) < 0.05  # dither 0.1 on a 16-bit scale perturbs, barely
+    # On the CPU a given generator draws the dither: reproducible.
+    again = [dithering(wavs, wav_lengths, torch.Generator().manual_seed(3))[0] for _ in range(2)]
+    assert torch.equal(again[0], again[1]) and not torch.equal(again[0], dithered)
 
 
 def test_spec_augment_bands_stay_inside_each_utterance():

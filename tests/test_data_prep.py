@@ -192,3 +192,49 @@ def test_u2moe_command_runs_prep_end_to_end(tmp_path):
     cmd[cmd.index("--text") + 1] = str(tmp_path / "missing")
     done = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "missing" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_shards_reencoded_to_flac_or_wav_hold_the_decoded_original(tmp_path):
+    data_dir, utts = make_kaldi_dir(tmp_path / "corpus", count=4)
+    out = tmp_path / "flac"
+    assert run_prep(["prep", "shards", "--data-dir", str(data_dir), "--out", str(out),
+                     "--audio-format", "flac"]) == 0
+    summary = json.loads((out / ".done.json").read_text())["summary"]
+    assert summary["audio_format"] == "flac" and summary["reencoded"] == {"opus": 4}
+    members = _tar_members(out / "shard-000000.tar")
+    assert len(members) == 3 * len(utts)
+    for key, (_, duration, audio_path) in utts.items():
+        decoded, rate = sf.read(audio_path, dtype="float32")
+        original = np.clip(np.rint(decoded * 32768), -32768, 32767).astype(np.int16)  # Opus: float decoder
+        stored, stored_rate = sf.read(io.BytesIO(members[f"{key}.flac"]), dtype="int16")
+        assert sf.info(io.BytesIO(members[f"{key}.flac"])).subtype == "PCM_16"
+        assert stored_rate == rate
+        np.testing.assert_array_equal(stored, original)  # lossless from the decoded samples
+        assert json.loads(members[f"{key}.json"])["duration"] == pytest.approx(len(original) / rate, abs=1e-4)
+    # Other format: refused over the FLAC output without --overwrite; WAV holds the same samples.
+    assert run_prep(["prep", "shards", "--data-dir", str(data_dir), "--out", str(out), "--audio-format", "wav"]) == 2
+    summary = write_shards(data_dir, tmp_path / "wav", audio_format="wav")
+    assert summary["reencoded"] == {"opus": 4}
+    wav_members = _tar_members(tmp_path / "wav" / "shard-000000.tar")
+    for key in utts:
+        np.testing.assert_array_equal(sf.read(io.BytesIO(wav_members[f"{key}.wav"]), dtype="int16")[0],
+                                      sf.read(io.BytesIO(members[f"{key}.flac"]), dtype="int16")[0])
+    # Already-FLAC input is kept byte for byte; "keep" re-encodes nothing.
+    again = write_shards(data_dir, tmp_path / "keep")
+    assert again["reencoded"] == {} and again["audio_format"] == "keep"
+
+
+def test_reencoded_shards_feed_the_pipeline_the_same_audio(tmp_path):
+    from u2moe.data_prep import DataConfig, build_dataloader
+    from test_data_support import LETTERS
+
+    data_dir, utts = make_kaldi_dir(tmp_path / "corpus", count=3)
+    cfg = DataConfig.from_dict({"device_features": True})
+    waves = {}
+    for fmt in ("keep", "flac"):
+        write_shards(data_dir, tmp_path / fmt, audio_format=fmt)
+        (batch,) = build_dataloader(tmp_path / fmt / "shards.list", Tokenizer("char", LETTERS), cfg, train=False)
+        waves[fmt] = {k: batch["wavs"][i, :batch["wav_lengths"][i]] for i, k in enumerate(batch["keys"])}
+    for key in utts:
+        # The FLAC holds the 16-bit rounding of the decoded Opus: within half a 16-bit step.
+        torch.testing.assert_close(waves["flac"][key], waves["keep"][key], atol=0.5 / 32768 + 1e-9, rtol=0)
