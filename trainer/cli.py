@@ -17,7 +17,7 @@ def _train(args: argparse.Namespace) -> int:
                         format=f"%(asctime)s [rank {info.rank}] %(message)s")
     paths = TrainPaths(args.train_shards, args.dev_shards, args.units, args.cmvn, Path(args.exp_dir),
                        args.ds_config, args.init_model)
-    run_training(cfg, paths, info, args.max_steps)
+    run_training(cfg, paths, info, args.max_steps, args.max_minutes)
     return 0
 
 
@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cmvn", required=True, help="global CMVN JSON (u2moe prep cmvn)")
     p.add_argument("--exp-dir", required=True, help="run directory: config, checkpoints, TensorBoard")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop (and checkpoint) after this many minutes of training in this invocation, evaluation excluded")
     p.add_argument("--init-model", default=None, help="warm start from an exported model.pt")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. optim.lr=5e-4 (repeatable)")

@@ -17,7 +17,11 @@ logger = logging.getLogger("u2moe.train")
 
 
 class ThroughputMeter:
-    """Frames, audio seconds and loss terms since the last report, summed over all ranks."""
+    """Frames, audio seconds and loss terms since the last report, summed over all ranks.
+
+    Device values are accumulated on the device and read once per report: a `.item()` per step
+    would stall the host on the GPU every step.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -25,29 +29,39 @@ class ThroughputMeter:
 
     def reset(self) -> None:
         self.start = time.perf_counter()
-        self.frames = 0.0
         self.audio_seconds = 0.0
+        self.data_seconds = 0.0
         self.batches = 0
-        self.loss_sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor] = {}
 
-    def add(self, frames: int, audio_seconds: float, losses: dict[str, torch.Tensor]) -> None:
-        self.frames += frames
+    def add(self, audio_seconds: float, values: dict[str, torch.Tensor], data_seconds: float) -> None:
+        """values: device scalars (loss terms, frames) of one micro-batch; data_seconds: time the
+        loop waited for this batch (a data-bound run shows it)."""
         self.audio_seconds += audio_seconds
+        self.data_seconds += data_seconds
         self.batches += 1
-        for name, value in losses.items():
-            self.loss_sums[name] = self.loss_sums.get(name, 0.0) + float(value)
+        for name, value in values.items():
+            value = value.detach().double()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
 
     def report(self) -> dict[str, float]:
-        """Collective: every rank must call it at the same step."""
-        names = sorted(self.loss_sums)
-        local = torch.tensor([self.frames, self.audio_seconds, self.batches]
-                             + [self.loss_sums[n] for n in names], dtype=torch.float64, device=self.device)
+        """Collective: every rank must call it at the same step. Frames and audio are totals
+        per second; everything else is a mean per micro-batch."""
+        names = sorted(self.sums)
+        local = torch.stack([torch.tensor(float(self.audio_seconds), dtype=torch.float64, device=self.device),
+                             torch.tensor(float(self.batches), dtype=torch.float64, device=self.device)]
+                            + [self.sums[n].to(self.device) for n in names])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(local)
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        frames, audio, batches = local[:3].tolist()
-        out = {"frames_per_s": frames / elapsed, "audio_s_per_s": audio / elapsed}
-        out.update({n: v / max(batches, 1) for n, v in zip(names, local[3:].tolist())})
+        audio, batches, *sums = local.tolist()
+        # Rank 0's own wait: the slowest reader shows as every rank waiting in the next collective.
+        out = {"audio_s_per_s": audio / elapsed, "data_wait_frac": self.data_seconds / elapsed}
+        for name, value in zip(names, sums):
+            if name == "frames":
+                out["frames_per_s"] = value / elapsed
+            else:
+                out[name] = value / max(batches, 1)
         self.reset()
         return out
 

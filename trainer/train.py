@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,10 @@ class TrainPaths:
 
 
 def _reduce_flag(flag: bool, device: torch.device, op: Any) -> bool:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag  # no device round trip (and host sync) when there is nobody to agree with
     value = torch.tensor([1 if flag else 0], device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value, op=op)
+    dist.all_reduce(value, op=op)
     return bool(value.item())
 
 
@@ -49,7 +51,8 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, paths: TrainPaths, info: DistInfo):
+    def __init__(self, cfg: ExperimentConfig, paths: TrainPaths, info: DistInfo,
+                 max_minutes: float | None = None):
         import deepspeed
 
         from u2moe.data_prep import FeatureExtractor, Tokenizer
@@ -61,6 +64,7 @@ class Trainer:
         from u2moe.trainer.scheduler import warmup_lr
 
         self.cfg, self.paths, self.info = cfg, paths, info
+        self.max_minutes = max_minutes
         self.tokenizer = Tokenizer.load(paths.units)
         if self.tokenizer.vocab_size != cfg.model.vocab_size:
             raise ConfigError(f"{paths.units}: {self.tokenizer.vocab_size} units, but model.vocab_size is "
@@ -89,6 +93,7 @@ class Trainer:
         self.epoch = 0
         self.batches_in_epoch = 0
         self.last_saved_step = -1
+        self.eval_seconds = 0.0  # spent in evaluate(): not counted against --max-minutes
 
     # ----------------------------------------------------------------------------------- set-up
     def _warm_start(self, model: torch.nn.Module, path: str) -> None:
@@ -153,6 +158,10 @@ class Trainer:
         meter = ThroughputMeter(self.info.device)
         load_sum: torch.Tensor | None = None
         done = bool(t.max_steps) and self.engine.global_steps >= t.max_steps
+        # A training-time budget for this invocation, evaluation excluded (so that runs with
+        # different eval settings compare at equal training time): rank 0's clock decides (one
+        # tiny all-reduce per step), so every rank stops after the same step.
+        deadline = time.monotonic() + 60 * self.max_minutes if self.max_minutes else None
         while self.epoch < t.max_epochs and not done:
             loader.set_epoch(self.epoch)
             self.engine.train()
@@ -160,7 +169,9 @@ class Trainer:
             for _ in range(self.batches_in_epoch):  # resume mid-epoch: the same stream, fast-forwarded
                 next(batches, None)
             while True:
+                waited = time.perf_counter()
                 batch = next(batches, None)
+                waited = time.perf_counter() - waited
                 if not every_rank(batch is not None, self.info.device):
                     break
                 feats, lens, target, target_lens = self._inputs(batch, train=True)
@@ -169,8 +180,7 @@ class Trainer:
                 boundary = self.engine.is_gradient_accumulation_boundary()
                 self.engine.step()
                 self.batches_in_epoch += 1
-                meter.add(int(lens.sum()), sum(batch["durations"]),
-                          {k: v.detach() for k, v in out.items()})
+                meter.add(sum(batch["durations"]), {**out, "frames": lens.sum()}, waited)
                 load = self._expert_load()
                 if load is not None:
                     load_sum = load if load_sum is None else load_sum + load
@@ -186,6 +196,11 @@ class Trainer:
                 if t.save_interval and step % t.save_interval == 0:
                     self.save()
                 if t.max_steps and step >= t.max_steps:
+                    done = True
+                    break
+                over = deadline is not None and time.monotonic() - self.eval_seconds >= deadline
+                if deadline is not None and any_rank(self.info.is_main and over, self.info.device):
+                    self.reporter.line(f"stopping at step {step}: --max-minutes {self.max_minutes:g} reached")
                     done = True
                     break
             if not done:
@@ -213,6 +228,7 @@ class Trainer:
         self.reporter.line(
             f"epoch {self.epoch} step {step} {losses} lr {stats['lr']:.2e} grad_norm {stats['grad_norm']:.3f} "
             f"frames/s {stats['frames_per_s']:.0f} audio_s/s {stats['audio_s_per_s']:.1f} "
+            f"data_wait {100 * stats['data_wait_frac']:.0f}% "
             f"mem {stats['gpu_mem_gb']:.1f}GB")
         self.reporter.scalars("train", stats, step)
 
@@ -226,6 +242,7 @@ class Trainer:
         from u2moe.model.decoding.ctc_greedy import ctc_greedy_search
         from u2moe.model.decoding.scoring import score
 
+        started = time.monotonic()
         self.engine.eval()
         model = self.engine.module
         dev_loader.set_epoch(0)
@@ -270,6 +287,7 @@ class Trainer:
         self.reporter.line(f"dev step {step} utts {int(total[0])} " +
                            " ".join(f"{k} {v:.3f}" for k, v in result.items()))
         self.reporter.scalars("dev", result, step)
+        self.eval_seconds += time.monotonic() - started
         return result
 
     def _placeholder_batch(self) -> dict[str, Any]:
@@ -282,13 +300,14 @@ class Trainer:
                 "target_lengths": torch.tensor([1]), "durations": [1.0]}
 
 
-def run_training(cfg: ExperimentConfig, paths: TrainPaths, info: DistInfo, max_steps: int | None) -> None:
+def run_training(cfg: ExperimentConfig, paths: TrainPaths, info: DistInfo, max_steps: int | None,
+                 max_minutes: float | None = None) -> None:
     if max_steps is not None:
         cfg.train.max_steps = max_steps
     paths.exp_dir.mkdir(parents=True, exist_ok=True)
     if info.is_main:
         (paths.exp_dir / "train.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (paths.exp_dir / "paths.json").write_text(json.dumps({k: str(v) for k, v in vars(paths).items()}, indent=1))
-    trainer = Trainer(cfg, paths, info)
+    trainer = Trainer(cfg, paths, info, max_minutes)
     trainer.resume()
     trainer.train()

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Train several presets on the same prepared data with the same budget, one after another on this
+# machine, then export and decode each: the recipe behind the one-GPU comparisons in docs/.
+#
+#   bench/train_compare.sh DATA OUT MAX_STEPS PRESET [PRESET ...]
+# DATA holds {train,dev,test}/shards.list, units/, cmvn.json (u2moe prep ...). Extra trainer
+# overrides come from $TRAIN_SET (space-separated key=value); $MAX_MINUTES adds a training-time
+# budget per preset (evaluation excluded); $GPUS > 1 trains with that many processes. Test-set decoding: $DECODE_MODES (default
+# ctc_greedy,attention_rescoring) at each chunk size of $DECODE_CHUNKS (default -1: full context).
+# Per preset: OUT/PRESET/ (metrics.jsonl, model.pt, decode_chunkN/), OUT/PRESET.*.log, and a
+# summary of throughput and error rates in OUT/summary.txt.
+set -euo pipefail
+data=$(realpath "$1"); out=$(realpath -m "$2"); steps=$3; shift 3
+repo=$(cd "$(dirname "$0")/.." && pwd)
+ds=$(realpath "${DS_CONFIG:-$repo/ds_configs/zero2_bf16.json}")
+device=$(python3 -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
+# $GPUS > 1: one process per GPU through the deepspeed launcher.
+launcher=(python3 -m u2moe)
+if [ "${GPUS:-1}" -gt 1 ]; then
+  launcher=(python3 -m deepspeed.launcher.runner --num_gpus "$GPUS" --master_port "${MASTER_PORT:-29500}" --no_local_rank --module u2moe)
+fi
+mkdir -p "$out"
+cd /tmp
+for preset in "$@"; do
+  exp=$out/$preset
+  sets=()
+  for kv in ${TRAIN_SET:-}; do sets+=(--set "$kv"); done
+  vocab=$(grep -c . "$data/units/units.txt")
+  start=$(date +%s)
+  "${launcher[@]}" train ${MAX_MINUTES:+--max-minutes "$MAX_MINUTES"} --config "$preset" --ds-config "$ds" --train-shards "$data/train/shards.list" \
+    --dev-shards "$data/dev/shards.list" --units "$data/units" --cmvn "$data/cmvn.json" --exp-dir "$exp" \
+    --max-steps "$steps" --set model.vocab_size="$vocab" "${sets[@]}" 2>&1 | grep -v "INFO\] \[" | tee "$exp.train.log"
+  echo "$preset train wall $(( $(date +%s) - start )) s" | tee -a "$out/summary.txt"
+  python3 -m u2moe export --exp-dir "$exp" --out "$exp/model.pt"
+  grep -h "audio_s/s" "$exp.train.log" | tail -n 3 >> "$out/summary.txt"
+  for chunk in ${DECODE_CHUNKS:--1}; do
+    python3 -m u2moe decode --model "$exp/model.pt" --shards "$data/test/shards.list" --device "$device" \
+      --modes "${DECODE_MODES:-ctc_greedy,attention_rescoring}" --chunk-size "$chunk" \
+      --out "$exp/decode_chunk$chunk" 2>&1 | tee "$exp.decode$chunk.log" | tail -n 4
+    echo "$preset test, chunk $chunk:" >> "$out/summary.txt"
+    grep -E "CER|utterances" "$exp.decode$chunk.log" >> "$out/summary.txt"
+  done
+done
+cat "$out/summary.txt"
