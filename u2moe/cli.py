@@ -15,6 +15,7 @@ _REGISTRARS = [
     "u2moe.model.cli",
     "u2moe.data_prep.cli",
     "u2moe.trainer.cli",
+    "u2moe.demo",
 ]
 # Modules whose `register_bench(subparsers)` adds `u2moe bench ...` commands.
 _BENCH_REGISTRARS: list[str] = [
