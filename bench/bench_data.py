@@ -14,7 +14,6 @@ only comparable at similar load.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import tempfile

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -37,8 +38,12 @@ def sort_buffer(samples: Iterable[Sample], size: int) -> Iterator[Sample]:
     yield from sorted(window, key=lambda s: s.num_frames)
 
 
-def static_batches(samples: Iterable[Sample], batch_size: int) -> Iterator[list[Sample]]:
-    batch: list[Sample] = []
+T = TypeVar("T")
+
+
+def static_batches(samples: Iterable[T], batch_size: int) -> Iterator[list[T]]:
+    """Consecutive groups of `batch_size` items (the last may be smaller)."""
+    batch: list[T] = []
     for sample in samples:
         batch.append(sample)
         if len(batch) == batch_size:

@@ -1,15 +1,13 @@
-"""One DeepSpeed ZeRO-2 training step of tiny_moe with expert parallelism 2 (2 processes, gloo)
+"""One DeepSpeed ZeRO-1 / ZeRO-2 training step of tiny_moe with expert parallelism 2 (2 processes, gloo)
 against one process holding all experts, through the trainer's own optimizer, schedule and
 DeepSpeed config: same loss, global gradient norm (the one clipping uses) and updated weights."""
-import io
 import json
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from spawn_helpers import send_result, spawn_ranks
 from u2moe.config import load_config
 
 OVERRIDES = ["model.encoder.output_size=64", "model.encoder.attention_heads=2", "model.encoder.num_blocks=2",
@@ -35,7 +33,7 @@ def _batch(vocab: int):
     return feats, lens, target, tl
 
 
-def _worker(rank: int, world: int, ep: int, port: int, ds_path: str, queue) -> None:
+def _worker(rank: int, world: int, port: int, queue, ep: int, ds_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
@@ -68,37 +66,17 @@ def _worker(rank: int, world: int, ep: int, port: int, ds_path: str, queue) -> N
                                   groups._get_expert_parallel_group(group_name))
     losses = [torch.zeros(()) for _ in range(world)]
     torch.distributed.all_gather(losses, out["loss"].detach())
-    buffer = io.BytesIO()
-    torch.save((sum(losses) / world, float(engine.get_global_grad_norm()), sd), buffer)
-    queue.put((rank, buffer.getvalue()))
+    send_result(queue, rank, (sum(losses) / world, float(engine.get_global_grad_norm()), sd))
     torch.distributed.barrier()
 
 
-def _run(world: int, ep: int, ds_path: str) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(r, world, ep, port, ds_path, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = {}
-    for _ in procs:
-        rank, payload = queue.get(timeout=600)
-        results[rank] = torch.load(io.BytesIO(payload))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    return results
-
-
 @pytest.mark.slow
-def test_zero2_expert_parallel_step_equals_single_process(tmp_path):
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_expert_parallel_step_equals_single_process(tmp_path, stage):
     ds_path = tmp_path / "ds.json"
-    ds_path.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    single = _run(1, 1, str(ds_path))[0]
-    parallel = _run(2, 2, str(ds_path))
+    ds_path.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+    single = spawn_ranks(_worker, 1, 1, str(ds_path), timeout=600)[0]
+    parallel = spawn_ranks(_worker, 2, 2, str(ds_path), timeout=600)
     assert single[1] > 1.0  # the norm exceeds grad_clip: clipping took part in the update
     for rank in range(2):
         loss, norm, sd = parallel[rank]

@@ -1,25 +1,17 @@
 """Expert parallelism on CPU/gloo against one process holding all experts; checkpoint layouts."""
-import io
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from spawn_helpers import send_result, spawn_ranks
 from u2moe.model.config import FeedForwardConfig
 from u2moe.model.moe import MoEFeedForward
 from u2moe.model.moe.parallel import (is_expert_key, merge_expert_state_dicts,
                                       shard_expert_state_dict)
 
 DIM, HIDDEN = 16, 24
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _layer(num_experts: int, top_k: int) -> MoEFeedForward:
@@ -47,9 +39,9 @@ def _steer_away_from_last_expert(moe: MoEFeedForward) -> None:
         moe.router.weight[-1] = -1.0
 
 
-def _ep_worker(rank: int, port: int, num_experts: int, top_k: int, queue) -> None:
+def _ep_worker(rank: int, world: int, port: int, queue, num_experts: int, top_k: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         moe = _layer(num_experts, top_k)
         _steer_away_from_last_expert(moe)
@@ -60,12 +52,9 @@ def _ep_worker(rank: int, port: int, num_experts: int, top_k: int, queue) -> Non
         y.backward(grad_out[rank])
         router_grad = moe.router.weight.grad.clone()
         dist.all_reduce(router_grad)  # data parallel: the router is replicated
-        # As bytes: tensors shared through file descriptors die with this process.
-        buffer = io.BytesIO()
-        torch.save((y.detach(), xi.grad, router_grad,
-                    {n: p.grad for n, p in moe.experts.named_parameters()},
-                    moe.last_tokens_per_expert), buffer)
-        queue.put((rank, buffer.getvalue()))
+        send_result(queue, rank, (y.detach(), xi.grad, router_grad,
+                                  {n: p.grad for n, p in moe.experts.named_parameters()},
+                                  moe.last_tokens_per_expert))
     finally:
         dist.destroy_process_group()
 
@@ -73,20 +62,7 @@ def _ep_worker(rank: int, port: int, num_experts: int, top_k: int, queue) -> Non
 @pytest.mark.slow
 @pytest.mark.parametrize("num_experts,top_k", [(2, 1), (8, 2), (16, 2)])
 def test_expert_parallel_2_equals_single_process(num_experts, top_k):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_ep_worker, args=(r, port, num_experts, top_k, queue))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    results = {}
-    for _ in procs:
-        rank, payload = queue.get(timeout=120)
-        results[rank] = torch.load(io.BytesIO(payload))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = spawn_ranks(_ep_worker, 2, num_experts, top_k, timeout=120)
 
     # One process, all experts, both ranks' frames in one batch.
     moe = _layer(num_experts, top_k)

@@ -4,12 +4,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from spawn_helpers import free_port
 from test_data_support import make_kaldi_dir, run_prep
 
 # A model small enough for several 2-process CPU runs per test, with every structural piece.
@@ -17,12 +17,6 @@ TINY = ["model.encoder.output_size=64", "model.encoder.attention_heads=2", "mode
         "model.encoder.ffn.hidden_units=128", "model.decoder.attention_heads=2",
         "model.decoder.ffn.hidden_units=128", "train.num_workers=1", "train.log_interval=1",
         "data.batch.max_frames_in_batch=1000", "data.filter.max_frames=1000", "optim.warmup_steps=20"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prepare_corpus(root: Path, train_utts: int = 48, dev_utts: int = 8, utts_per_shard: int = 12) -> dict:

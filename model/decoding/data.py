@@ -86,17 +86,6 @@ def read_utterances(cfg: DataConfig, stats: DataStats, *, shards: str | None = N
         yield AudioUtterance(raw.key, text, sample.wave, sample.duration)
 
 
-def batches(utterances: Iterator[AudioUtterance], batch_size: int) -> Iterator[list[AudioUtterance]]:
-    batch: list[AudioUtterance] = []
-    for utt in utterances:
-        batch.append(utt)
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def pad_features(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(feats [B, T, mel] zero-padded, lengths [B]) as the data pipeline's batches hold them."""
     lengths = torch.tensor([f.size(0) for f in feats], dtype=torch.long)

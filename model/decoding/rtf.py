@@ -72,7 +72,8 @@ def run_rtf(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
     from u2moe.data_prep.stats import DataStats
     from u2moe.model.asr_model import U2Model
     from u2moe.model.decoding.arguments import options
-    from u2moe.model.decoding.data import batches, decoding_data_config, read_utterances
+    from u2moe.data_prep.batching import static_batches
+    from u2moe.model.decoding.data import decoding_data_config, read_utterances
     from u2moe.model.decoding.device import prepare_model
     from u2moe.model.decoding.search import check_modes
 
@@ -91,7 +92,7 @@ def run_rtf(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
     if len(utts) <= args.batch_size:
         raise ValueError(f"need more than {args.batch_size} readable utterances, got {len(utts)}")
     ref_lengths = dict(zip((u.key for u in utts), _reference_lengths([u.text for u in utts], args.units)))
-    groups = list(batches(iter(utts), args.batch_size))
+    groups = list(static_batches(iter(utts), args.batch_size))
     warmup, timed = groups[0], groups[1:]
     audio_seconds = sum(u.duration for g in timed for u in g)
     results: dict[str, dict[str, dict[str, float]]] = {}

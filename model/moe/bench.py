@@ -107,7 +107,6 @@ def bench_moe(args: argparse.Namespace) -> dict:
             rows.append(row)
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
                               for k, v in row.items()}), flush=True)
-        del dense, moe, ds_moe
     if args.profile:
         _profile(args)
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
