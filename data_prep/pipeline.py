@@ -128,6 +128,11 @@ def build_dataloader(shards: str | Path | list[str], tokenizer: Tokenizer, cfg: 
     shard_list = read_shard_list(shards)
     if not shard_list:
         raise DataPrepError(f"{shards}: no shards listed")
+    if train and len(shard_list) < world_size:
+        # Ranks step in lock-step and an epoch ends when any rank runs dry: a rank without a
+        # shard would end every epoch before its first step.
+        raise DataPrepError(f"{shards}: {len(shard_list)} shard(s) for {world_size} ranks; training needs at "
+                            "least one shard per rank (write smaller shards: prep shards --utts-per-shard)")
     if len(shard_list) < world_size * max(num_workers, 1):
         logger.warning("%d shards for %d ranks x %d workers: some readers get no data",
                        len(shard_list), world_size, max(num_workers, 1))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Shared by the recipes (sourced after parse_options.sh): the u2moe command, the launcher, the
 # train / export / decode stages. Expects: stage stop_stage data exp config ds_config gpus
-# expert_parallel_size train_opts average_num decode_modes test_sets nj dry_run.
+# expert_parallel_size train_opts average_num decode_modes test_sets nj utts_per_shard dry_run.
 recipes_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo_dir=$(dirname "$recipes_dir")
 if [ -n "${U2MOE:-}" ]; then u2moe=$U2MOE
@@ -25,7 +25,8 @@ prep_stages() {
   local unit_type=$1 vocab_size=$2 set kaldi=${kaldi:-$data}
   if stage_on 1; then
     for set in train dev $test_sets; do
-      run "$u2moe" prep shards --data-dir "$kaldi/$set" --out "$data/shards/$set" --jobs "$nj"
+      run "$u2moe" prep shards --data-dir "$kaldi/$set" --out "$data/shards/$set" --jobs "$nj" \
+        --utts-per-shard "$utts_per_shard"
     done
   fi
   if stage_on 2; then

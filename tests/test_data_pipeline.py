@@ -17,7 +17,8 @@ from u2moe.data_prep.batching import dynamic_batches
 from u2moe.dataconf import ConfigError
 from u2moe.data_prep.sample_processor import Sample
 from u2moe.data_prep.shard_writer import write_shards
-from u2moe.data_prep.sharding import shards_for_reader
+from u2moe.data_prep.errors import DataPrepError
+from u2moe.data_prep.sharding import read_shard_list, shards_for_reader
 from u2moe.data_prep.units import train_units
 
 
@@ -87,6 +88,16 @@ def test_every_utterance_once_per_epoch_across_ranks_and_workers(corpus):
         assert delivered == len(utts)  # the stats gathered from the workers agree
         orders.append(order)
     assert orders[0] != orders[1]
+
+
+def test_training_refuses_a_rank_without_shards(corpus):
+    """A rank with no shard would end every lock-step epoch before its first step."""
+    shard_list, tok, _ = corpus
+    shards = read_shard_list(shard_list)
+    with pytest.raises(DataPrepError, match=f"{len(shards)} shard\\(s\\) for {len(shards) + 1} ranks"):
+        build_dataloader(shard_list, tok, DataConfig(), train=True, rank=0, world_size=len(shards) + 1)
+    # Evaluation lets a dataless rank run placeholder batches, so it only warns.
+    build_dataloader(shard_list, tok, DataConfig(), train=False, rank=0, world_size=len(shards) + 1)
 
 
 def test_eval_is_deterministic_and_reports_utterance_totals(corpus):

@@ -10,6 +10,7 @@ tiny model (slow), followed by export and decode.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -172,8 +173,10 @@ def test_librispeech_train_export_decode_on_cpu(tmp_path):
     out = run_recipe("librispeech", [
         "--librispeech-root", str(root), "--data", str(data), "--exp", str(exp), "--train-parts",
         "train-clean-100", "--dev-parts", "dev-clean", "--test-parts", "test-clean", "--vocab-size", "40",
-        "--nj", "2", "--config", "tiny_moe", "--ds-config", str(REPO / "ds_configs" / "zero2_fp32.json"),
+        "--nj", "2", "--utts-per-shard", "3", "--config", "tiny_moe", "--ds-config", str(REPO / "ds_configs" / "zero2_fp32.json"),
         "--gpus", "2", "--expert-parallel-size", "2", "--train-opts", TINY, "--average-num", "1"], tmp_path)
+    # Both steps really ran (each rank needs a shard of its own: 6 utterances, 3 per shard).
+    assert re.search(r"epoch \d+ step 2 loss", out), out[-3000:]
     assert (exp / "avg_1.pt").is_file()
     for mode in ("ctc_greedy", "ctc_prefix_beam", "attention", "attention_rescoring"):
         assert len((exp / "decode_test_clean" / f"{mode}.txt").read_text().splitlines()) == 6

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 
 import pytest
+import soundfile as sf
 import torch
 
 from trainer_helpers import (kill_all, prepare_corpus, run, start, train_command, train_losses,
@@ -140,3 +143,34 @@ def test_uneven_shards_end_the_epoch_on_every_rank(tmp_path):
     assert "dev step" in log
     records = train_losses(tmp_path / "exp")
     assert records and all(math.isfinite(r["loss"]) for r in records.values())
+
+
+def test_an_epoch_without_a_step_stops_the_run(corpus, tmp_path):
+    """Every utterance filtered out: the run stops with a message instead of spinning through epochs."""
+    cmd = train_command(corpus, tmp_path / "exp", nproc=1, extra=["data.filter.max_tokens=1"])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr  # a user error: one line, no traceback
+    assert f"epoch 0 ended before its first step: a rank read no training batch from {corpus['train']}" in proc.stderr
+    assert "skipped" in proc.stderr and "too_many_tokens" in proc.stderr
+
+
+def test_bench_train_reads_one_epoch_and_steps(corpus, tmp_path):
+    """`u2moe bench train`: the loader pass covers the whole training set, the steps run."""
+    from u2moe.cli import main
+    from test_data_support import read_kaldi_table
+
+    cmd = train_command(corpus, tmp_path / "unused", nproc=1)
+    config_args = cmd[cmd.index("--config"):]
+    for flag in ("--dev-shards", "--exp-dir"):  # train-only arguments
+        i = config_args.index(flag)
+        del config_args[i:i + 2]
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "train", *config_args, "--loader-batches", "1000", "--steps", "2", "--profile", "1",
+              "--json", str(out)])
+    assert done.value.code == 0
+    result = json.loads(out.read_text())
+    root = corpus["train"].parents[1] / "corpus"
+    audio = [sf.info(str(root / rel)).duration for rel in read_kaldi_table(root / "train" / "wav.scp").values()]
+    assert result["loader_audio_seconds"] == pytest.approx(sum(audio), abs=0.05)
+    assert result["steps"] == 2 and result["step_audio_s_per_s"] > 0 and result["aten_ops_per_step"] > 0

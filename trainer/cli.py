@@ -29,21 +29,26 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train with DeepSpeed (under deepspeed, torchrun, srun, or alone)")
+def add_model_and_data_arguments(p: argparse.ArgumentParser) -> None:
+    """What builds a trainer: shared by `u2moe train` and `u2moe bench train`."""
     p.add_argument("--config", required=True, help="preset name or experiment yaml")
     p.add_argument("--ds-config", required=True, help="DeepSpeed JSON (ds_configs/)")
     p.add_argument("--train-shards", required=True, help="shards.list of the training set")
-    p.add_argument("--dev-shards", required=True, help="shards.list of the dev set")
     p.add_argument("--units", required=True, help="units directory (u2moe prep units)")
     p.add_argument("--cmvn", required=True, help="global CMVN JSON (u2moe prep cmvn)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. optim.lr=5e-4 (repeatable)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train with DeepSpeed (under deepspeed, torchrun, srun, or alone)")
+    add_model_and_data_arguments(p)
+    p.add_argument("--dev-shards", required=True, help="shards.list of the dev set")
     p.add_argument("--exp-dir", required=True, help="run directory: config, checkpoints, TensorBoard")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop (and checkpoint) after this many minutes of training in this invocation, evaluation excluded")
     p.add_argument("--init-model", default=None, help="warm start from an exported model.pt")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. optim.lr=5e-4 (repeatable)")
     p.set_defaults(handler=_train)
 
     p = sub.add_parser("export", help="consolidate checkpoints into one fp32 model.pt")

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import yaml
 
 from u2moe.config import ExperimentConfig
+from u2moe.data_prep.errors import DataPrepError
 from u2moe.dataconf import ConfigError, to_dict
 from u2moe.trainer.checkpoint import load_latest, save_checkpoint
 from u2moe.trainer.distributed import DistInfo
@@ -126,6 +127,16 @@ class Trainer:
         return (feats.to(self.dtype), lens, batch["target"].to(device, non_blocking=True),
                 batch["target_lengths"].to(device, non_blocking=True))
 
+    def train_step(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], bool]:
+        """Forward, backward and (at an accumulation boundary) optimizer step on one micro-batch:
+        (the loss terms and frame count as device scalars, whether the optimizer stepped)."""
+        feats, lens, target, target_lens = self._inputs(batch, train=True)
+        out = self.engine(feats, lens, target, target_lens)
+        self.engine.backward(out["loss"])
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        return {**out, "frames": lens.sum()}, boundary
+
     def _client_state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "config": to_dict(self.cfg)}
 
@@ -174,13 +185,9 @@ class Trainer:
                 waited = time.perf_counter() - waited
                 if not every_rank(batch is not None, self.info.device):
                     break
-                feats, lens, target, target_lens = self._inputs(batch, train=True)
-                out = self.engine(feats, lens, target, target_lens)
-                self.engine.backward(out["loss"])
-                boundary = self.engine.is_gradient_accumulation_boundary()
-                self.engine.step()
+                out, boundary = self.train_step(batch)
                 self.batches_in_epoch += 1
-                meter.add(sum(batch["durations"]), {**out, "frames": lens.sum()}, waited)
+                meter.add(sum(batch["durations"]), out, waited)
                 load = self._expert_load()
                 if load is not None:
                     load_sum = load if load_sum is None else load_sum + load
@@ -203,6 +210,9 @@ class Trainer:
                     self.reporter.line(f"stopping at step {step}: --max-minutes {self.max_minutes:g} reached")
                     done = True
                     break
+            if self.batches_in_epoch == 0:
+                raise DataPrepError(f"epoch {self.epoch} ended before its first step: a rank read no training "
+                                   f"batch from {self.paths.train_shards} (too few utterances or all filtered out?)")
             if not done:
                 self.epoch += 1
                 self.batches_in_epoch = 0

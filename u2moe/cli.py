@@ -21,6 +21,7 @@ _REGISTRARS = [
 _BENCH_REGISTRARS: list[str] = [
     "u2moe.model.decoding.rtf",
     "u2moe.model.moe.bench",
+    "u2moe.trainer.bench",
 ]
 
 

@@ -27,6 +27,7 @@ train_opts=""           # extra `u2moe train` arguments, e.g. "--set optim.lr=5e
 average_num=10
 decode_modes=ctc_greedy,ctc_prefix_beam,attention,attention_rescoring
 nj=8
+utts_per_shard=1000     # utterances per shard: training needs at least one shard per GPU
 cmvn_max_utts=20000     # empty: every training utterance
 dry_run=false           # true: print the commands of the stages instead of running them
 

@@ -27,6 +27,7 @@ average_num=10
 decode_modes=ctc_greedy,ctc_prefix_beam,attention,attention_rescoring
 test_sets="test"
 nj=8
+utts_per_shard=100      # utterances per shard: training needs at least one shard per GPU (4000 -> 40 shards)
 cmvn_max_utts=
 dry_run=false           # true: print the commands of the stages instead of running them
 

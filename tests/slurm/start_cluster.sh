@@ -16,7 +16,7 @@ fi
 state=$(realpath -m "$1")
 mkdir -p "$state"/{spool,ctld}
 host=$(hostname -s)
-cpus=$(nproc)
+cpus=$(getconf _NPROCESSORS_ONLN)  # not nproc: it follows OMP_NUM_THREADS
 mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
 cat > "$state/slurm.conf" <<CONF
 ClusterName=u2moe-test

@@ -1,0 +1,169 @@
+"""`u2moe bench train`: where a training step's time goes, without the rest of a run.
+
+Builds the trainer exactly as `u2moe train` does (config, DeepSpeed engine, expert parallelism),
+then measures, on one process:
+- the input pipeline alone: one pass over the training shards with the configured workers
+  (seconds of audio per second, and the wait for the first batch, which every epoch pays);
+- the training step alone: `Trainer.train_step` on batches read once and kept in memory, so no
+  data wait (seconds of audio per second, milliseconds per step);
+- host synchronisations per step (CUDA's sync debug mode; each names the line that caused it);
+- with `--profile`, torch.profiler over a few steps: the share of wall time the GPU is busy, and
+  the operators that take the most host and device time.
+A run whose step rate is far above its loader rate is data-bound; a GPU busy far below 100% is
+host-bound (launch overhead, synchronisations).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("u2moe.bench.train")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_loader(trainer: Any, max_batches: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """One pass over the training data (at most max_batches): rate, first-batch wait, and the
+    first batches for the step measurement."""
+    loader = trainer._loader(trainer.paths.train_shards, train=True)
+    started = time.perf_counter()
+    first = None
+    audio = 0.0
+    kept: list[dict[str, Any]] = []
+    for count, batch in enumerate(loader, 1):
+        if first is None:
+            first = time.perf_counter() - started
+        audio += sum(batch["durations"])
+        if len(kept) < 64:
+            kept.append(batch)
+        if count >= max_batches:
+            break
+    elapsed = time.perf_counter() - started
+    return {"loader_audio_s_per_s": audio / elapsed, "loader_audio_seconds": audio, "loader_first_batch_s": first or 0.0,
+            "loader_batches": count, "loader_seconds": elapsed}, kept
+
+
+def measure_steps(trainer: Any, batches: list[dict[str, Any]], steps: int) -> dict[str, float]:
+    device = trainer.info.device
+    trainer.engine.train()
+    for batch in batches[:3]:  # warm-up: kernels, allocator, autotuning
+        trainer.train_step(batch)
+    _sync(device)
+    times, audio = [], 0.0
+    started = time.perf_counter()
+    for i in range(steps):
+        batch = batches[i % len(batches)]
+        t0 = time.perf_counter()
+        trainer.train_step(batch)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        audio += sum(batch["durations"])
+    elapsed = time.perf_counter() - started
+    frames = sum(int(b["feats_lengths"].sum()) if "feats_lengths" in b else 0 for b in batches)
+    return {"step_ms_median": 1000 * statistics.median(times), "step_audio_s_per_s": audio / elapsed,
+            "steps": steps, "batch_audio_s_mean": sum(sum(b["durations"]) for b in batches) / len(batches),
+            "batch_frames_mean": frames / len(batches)}
+
+
+def count_syncs(trainer: Any, batch: dict[str, Any]) -> dict[str, int]:
+    """Host-device synchronisations in one step, by the source line that caused them."""
+    if trainer.info.device.type != "cuda":
+        return {}
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train_step(batch)
+            _sync(trainer.info.device)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return dict(Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
+                        if "synchroniz" in str(w.message)).most_common())
+
+
+def profile_steps(trainer: Any, batches: list[dict[str, Any]], steps: int, out: Path | None) -> dict[str, Any]:
+    from torch.profiler import ProfilerActivity, profile
+
+    device = trainer.info.device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            trainer.train_step(batches[i % len(batches)])
+        _sync(device)
+    wall = time.perf_counter() - started
+    events = prof.key_averages()
+    result: dict[str, Any] = {"profile_steps": steps, "profile_wall_ms_per_step": 1000 * wall / steps}
+    # Operator calls are what a host-bound step pays for, kernel launches or not (CPU included).
+    result["aten_ops_per_step"] = sum(e.count for e in events if e.key.startswith("aten::")) / steps
+    if device.type == "cuda":
+        # Kernels of one stream do not overlap: their summed time is the time the GPU was busy.
+        busy_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+        result["gpu_busy_frac"] = busy_us / 1e6 / wall
+        result["kernels_per_step"] = sum(e.count for e in events if e.device_type.name == "CUDA") / steps
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(events.table(sort_by=sort, row_limit=20))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=20))
+    if out is not None:
+        prof.export_chrome_trace(str(out.with_suffix(".trace.json")))
+    return result
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from u2moe.config import load_config
+    from u2moe.trainer.distributed import init_distributed
+    from u2moe.trainer.train import Trainer, TrainPaths
+
+    cfg = load_config(args.config, args.set)
+    info = init_distributed()
+    with tempfile.TemporaryDirectory() as exp_dir:
+        paths = TrainPaths(args.train_shards, args.train_shards, args.units, args.cmvn, Path(exp_dir),
+                           args.ds_config)
+        trainer = Trainer(cfg, paths, info)
+        result: dict[str, Any] = {"config": args.config, "device": torch.cuda.get_device_name(info.device)
+                                  if info.device.type == "cuda" else "cpu",
+                                  "parameters": sum(p.numel() for p in trainer.model.parameters())}
+        loader, batches = measure_loader(trainer, args.loader_batches)
+        result.update(loader)
+        logger.info("loader: %s", json.dumps(loader))
+        result.update(measure_steps(trainer, batches, args.steps))
+        result["syncs_per_step"] = count_syncs(trainer, batches[0])
+        if args.profile:
+            result.update(profile_steps(trainer, batches, args.profile, Path(args.json) if args.json else None))
+        trainer.reporter.close()
+    print(json.dumps(result, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def register_bench(sub: argparse._SubParsersAction) -> None:
+    from u2moe.trainer.cli import add_model_and_data_arguments
+
+    p = sub.add_parser("train", help="training step and input pipeline rates, host syncs, profile")
+    add_model_and_data_arguments(p)
+    p.add_argument("--loader-batches", type=int, default=200, help="batches read in the loader measurement")
+    p.add_argument("--steps", type=int, default=50, help="training steps timed on in-memory batches")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS", help="also profile this many steps")
+    p.add_argument("--json", default=None, help="also write the figures here (and the trace next to it)")
+    p.set_defaults(handler=_handler)
+
+
+def _handler(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    run(args)
+    return 0
