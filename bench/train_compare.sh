@@ -12,7 +12,10 @@
 set -euo pipefail
 data=$(realpath "$1"); out=$(realpath -m "$2"); steps=$3; shift 3
 repo=$(cd "$(dirname "$0")/.." && pwd)
-ds=$(realpath "${DS_CONFIG:-$repo/ds_configs/zero2_bf16.json}")
+# One GPU: no ZeRO, bf16 autocast (the leanest step); several: ZeRO-2 bf16.
+ds_default=$repo/ds_configs/zero0_bf16.json
+[ "${GPUS:-1}" -gt 1 ] && ds_default=$repo/ds_configs/zero2_bf16.json
+ds=$(realpath "${DS_CONFIG:-$ds_default}")
 device=$(python3 -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
 # $GPUS > 1: one process per GPU through the deepspeed launcher.
 launcher=(python3 -m u2moe)

@@ -83,7 +83,9 @@ class AsrDataLoader(DataLoader):
     """A plain DataLoader over AsrDataset that gathers the workers' DataStats per epoch.
 
     After (or during) an epoch `epoch_stats` holds this rank's totals; the summary is logged when
-    the epoch's iteration ends. Workers are not persistent, so `set_epoch` reaches them.
+    the epoch's iteration ends. Workers are not persistent, so `set_epoch` reaches them;
+    `prefetch` starts the next epoch's workers early, so that the wait for an epoch's first
+    batch (shards opened, shuffle and sort buffers filled) overlaps the epoch before it.
     """
 
     dataset: AsrDataset
@@ -91,6 +93,15 @@ class AsrDataLoader(DataLoader):
     def __init__(self, dataset: AsrDataset, **kwargs: Any):
         super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
         self.epoch_stats = DataStats()
+        self._prefetched: tuple[int, Iterator[dict[str, Any]]] | None = None
+
+    def prefetch(self, epoch: int) -> None:
+        """Start epoch `epoch`'s workers now; the next iteration over that epoch uses them.
+        Call it once the current epoch's iteration has started (it moves `set_epoch` on)."""
+        if self.num_workers == 0:
+            return  # one process reads lazily anyway: nothing to overlap
+        self.set_epoch(epoch)
+        self._prefetched = (epoch, super().__iter__())
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
@@ -101,13 +112,21 @@ class AsrDataLoader(DataLoader):
         self.generator.manual_seed((ds.seed * 1000003 + ds.rank) * 100003 + epoch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        # Not a generator itself: the epoch's source is fixed here, before the caller can move on
+        # to prefetching the next one.
+        epoch = self.dataset.epoch
+        prefetched, self._prefetched = self._prefetched, None
+        source = prefetched[1] if prefetched is not None and prefetched[0] == epoch else super().__iter__()
+        return self._count(source, epoch)
+
+    def _count(self, source: Iterator[dict[str, Any]], epoch: int) -> Iterator[dict[str, Any]]:
         self.epoch_stats = DataStats()
-        for item in super().__iter__():
+        for item in source:
             self.epoch_stats.merge(item.pop(STATS_KEY))
             if item:
                 yield item
         stats = self.epoch_stats
-        title = f"data epoch {self.dataset.epoch} rank {self.dataset.rank}"
+        title = f"data epoch {epoch} rank {self.dataset.rank}"
         logger.log(logging.WARNING if stats.skipped else logging.INFO, stats.summary(title))
 
 

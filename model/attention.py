@@ -26,9 +26,10 @@ def _dtype_min(dtype: torch.dtype) -> float:
 
 def _additive_bias(mask: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
     keep = mask.unsqueeze(1)  # [B, 1, Tq|1, Tk], broadcast over heads
-    floor = _dtype_min(dtype)
-    base = bias if bias is not None else torch.zeros((), dtype=dtype, device=mask.device)
-    return torch.where(keep, base, torch.tensor(floor, dtype=dtype, device=mask.device))
+    # masked_fill with a Python scalar: a device tensor made from the scalar would be a
+    # host-to-device copy (and a stall) per attention layer.
+    base = bias if bias is not None else torch.zeros(keep.shape, dtype=dtype, device=mask.device)
+    return base.masked_fill(~keep, _dtype_min(base.dtype))  # under autocast: bias's dtype, not dtype
 
 
 class MultiHeadedAttention(nn.Module):

@@ -55,6 +55,9 @@ class EncoderConfig:
     full_context_prob: float = 0.5
     # > 0: always train with this chunk size (streaming-only model); overrides dynamic chunks.
     static_chunk_size: int = 0
+    # Recompute each layer's activations in the backward pass instead of keeping them: less
+    # memory for about one more forward pass of compute (docs/training.md).
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.output_size % self.attention_heads:
@@ -81,6 +84,7 @@ class DecoderConfig:
     self_attention_dropout_rate: float = 0.0
     src_attention_dropout_rate: float = 0.0
     ffn: FeedForwardConfig = field(default_factory=lambda: FeedForwardConfig(activation="relu"))
+    gradient_checkpointing: bool = False  # as the encoder's
 
     def __post_init__(self) -> None:
         if self.num_blocks < 1 or self.r_num_blocks < 0:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from u2moe.model.config import DecoderConfig
 from u2moe.model.decoder_layer import DecoderLayer
@@ -16,6 +17,7 @@ class TransformerDecoder(nn.Module):
         self.embed = nn.Embedding(vocab_size, dim)
         self.pos_enc = PositionalEncoding(dim, cfg.positional_dropout_rate)
         self.decoders = nn.ModuleList(DecoderLayer(dim, cfg) for _ in range(num_blocks))
+        self.gradient_checkpointing = cfg.gradient_checkpointing
         self.after_norm = nn.LayerNorm(dim)
         self.output_layer = nn.Linear(dim, vocab_size)
 
@@ -26,9 +28,18 @@ class TransformerDecoder(nn.Module):
         tgt_mask = tgt_valid.unsqueeze(1) & subsequent_mask(ys_in.size(1), ys_in.device).unsqueeze(0)
         memory_mask = memory_valid.unsqueeze(1)
         x = self.pos_enc(self.embed(ys_in))
-        for layer in self.decoders:
-            x = layer(x, tgt_mask, memory, memory_mask, tgt_valid)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for i, layer in enumerate(self.decoders):
+            if recompute and not torch.jit.is_scripting():
+                x = self._checkpointed(i, x, tgt_mask, memory, memory_mask, tgt_valid)
+            else:
+                x = layer(x, tgt_mask, memory, memory_mask, tgt_valid)
         return self.output_layer(self.after_norm(x))
+
+    @torch.jit.unused  # the exported runtime never trains
+    def _checkpointed(self, i: int, x: torch.Tensor, tgt_mask: torch.Tensor, memory: torch.Tensor,
+                      memory_mask: torch.Tensor, tgt_valid: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self.decoders[i], x, tgt_mask, memory, memory_mask, tgt_valid, use_reentrant=False)
 
 
 class BiTransformerDecoder(nn.Module):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from u2moe.model.cmvn import GlobalCMVN
 from u2moe.model.config import EncoderConfig
@@ -47,8 +48,14 @@ class ConformerEncoder(nn.Module):
             training=self.training,
         )
         mask = attention_mask(valid, chunk, left)
+        recompute = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.encoders:
-            xs, _, _ = layer(xs, mask, pos_emb, valid)
+            if recompute:
+                # Dropout and router noise replay identically (checkpoint restores the RNG);
+                # MoE all-to-alls rerun in the same order on every rank.
+                xs, _, _ = checkpoint(layer, xs, mask, pos_emb, valid, use_reentrant=False)
+            else:
+                xs, _, _ = layer(xs, mask, pos_emb, valid)
         return self.after_norm(xs), valid
 
     def forward_chunk(self, xs: torch.Tensor, att_cache: torch.Tensor, cnn_cache: torch.Tensor,

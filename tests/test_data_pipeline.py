@@ -90,6 +90,32 @@ def test_every_utterance_once_per_epoch_across_ranks_and_workers(corpus):
     assert orders[0] != orders[1]
 
 
+def test_prefetched_epoch_equals_a_fresh_one(corpus):
+    """Epoch 1's workers started during epoch 0 deliver exactly what a fresh epoch 1 delivers,
+    and epoch 0 is not disturbed by them."""
+    shard_list, tok, _ = corpus
+    cfg = DataConfig.from_dict({"batch": {"batch_size": 2, "shuffle_buffer": 3}})
+
+    def keys(batches):
+        return [k for b in batches for k in b["keys"]]
+
+    fresh = []
+    for epoch in (0, 1):
+        loader = build_dataloader(shard_list, tok, cfg, train=True, seed=5, num_workers=2)
+        loader.set_epoch(epoch)
+        fresh.append(keys(_collect(loader)))
+    assert fresh[0] != fresh[1]
+    loader = build_dataloader(shard_list, tok, cfg, train=True, seed=5, num_workers=2)
+    loader.set_epoch(0)
+    first = iter(loader)
+    loader.prefetch(1)
+    assert keys(first) == fresh[0]
+    assert loader.epoch_stats.utterances == len(fresh[0])
+    loader.set_epoch(1)
+    assert keys(loader) == fresh[1]
+    assert loader.epoch_stats.utterances == len(fresh[1])
+
+
 def test_training_refuses_a_rank_without_shards(corpus):
     """A rank with no shard would end every lock-step epoch before its first step."""
     shard_list, tok, _ = corpus

@@ -109,6 +109,37 @@ def test_tiny_model_overfits_a_handful_of_utterances(preset):
     assert final < first / 10, (first, final)
 
 
+def test_gradient_checkpointing_keeps_loss_and_gradients_and_saves_memory():
+    """Recomputed layers (dropout, dynamic chunks, router all active) give the same loss and
+    gradients, while keeping fewer tensors for the backward pass."""
+    results = []
+    for recompute in (False, True):
+        flag = str(recompute).lower()
+        cfg = load_config("tiny_moe", [f"model.encoder.gradient_checkpointing={flag}",
+                                       f"model.decoder.gradient_checkpointing={flag}"]).model
+        torch.manual_seed(0)
+        model = U2Model(cfg).train()
+        batch = _batch(cfg.vocab_size, b=3, t=120, seed=2)
+        saved = []
+
+        def keep(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            loss = model(*batch)["loss"]
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, sum(saved)))
+    (loss_a, grads_a, bytes_a), (loss_b, grads_b, bytes_b) = results
+    torch.testing.assert_close(loss_b, loss_a)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], msg=name)
+    assert bytes_b < bytes_a / 2, (bytes_a, bytes_b)
+
+
 def test_preset_parameter_counts():
     dense = count_config_parameters(load_config("dense_225m").model)
     moe = count_config_parameters(load_config("moe_1b").model)

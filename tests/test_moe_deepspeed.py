@@ -1,4 +1,4 @@
-"""One DeepSpeed ZeRO-1 / ZeRO-2 training step of tiny_moe with expert parallelism 2 (2 processes, gloo)
+"""One DeepSpeed training step (no ZeRO, ZeRO-1, ZeRO-2) of tiny_moe with expert parallelism 2 (2 processes, gloo)
 against one process holding all experts, through the trainer's own optimizer, schedule and
 DeepSpeed config: same loss, global gradient norm (the one clipping uses) and updated weights."""
 import json
@@ -41,7 +41,8 @@ def _worker(rank: int, world: int, port: int, queue, ep: int, ds_path: str) -> N
 
     from u2moe.model import U2Model
     from u2moe.model.moe.parallel import enable_expert_parallel, gather_expert_state_dict
-    from u2moe.trainer.ds_config import load_ds_config
+    from u2moe.trainer.clipping import GradClipper
+    from u2moe.trainer.ds_config import load_ds_config, trainer_clips
     from u2moe.trainer.optim import build_optimizer
     from u2moe.trainer.scheduler import warmup_lr
 
@@ -51,27 +52,34 @@ def _worker(rank: int, world: int, port: int, queue, ep: int, ds_path: str) -> N
     model = U2Model(cfg.model)
     group_name = enable_expert_parallel(model, ep)
     optimizer = build_optimizer(model, cfg.optim)
+    ds_cfg = load_ds_config(ds_path, cfg.train, world)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=warmup_lr(optimizer, cfg.optim.warmup_steps),
-                                           config=load_ds_config(ds_path, cfg.train, world))
+                                           config=ds_cfg)
     assert engine.has_moe_layers
     feats, lens, target, tl = _batch(cfg.model.vocab_size)
     mine = slice(rank * 4 // world, (rank + 1) * 4 // world)
     out = engine(feats[mine], lens[mine], target[mine], tl[mine])
     engine.backward(out["loss"])
-    engine.step()
     from deepspeed.utils import groups
+
+    # As the trainer does it: without ZeRO it clips itself (trainer/clipping.py).
+    clipper = GradClipper(model, cfg.train.grad_clip, groups._get_expert_parallel_group(group_name)) \
+        if trainer_clips(ds_cfg) else None
+    norm = clipper() if clipper is not None else None
+    engine.step()
+    norm = norm if norm is not None else engine.get_global_grad_norm()
 
     sd = gather_expert_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()},
                                   groups._get_expert_parallel_group(group_name))
     losses = [torch.zeros(()) for _ in range(world)]
     torch.distributed.all_gather(losses, out["loss"].detach())
-    send_result(queue, rank, (sum(losses) / world, float(engine.get_global_grad_norm()), sd))
+    send_result(queue, rank, (sum(losses) / world, float(norm), sd))
     torch.distributed.barrier()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2])
 def test_zero_expert_parallel_step_equals_single_process(tmp_path, stage):
     ds_path = tmp_path / "ds.json"
     ds_path.write_text(json.dumps({"zero_optimization": {"stage": stage}}))

@@ -13,7 +13,7 @@ import torch
 from trainer_helpers import (kill_all, prepare_corpus, run, start, train_command, train_losses,
                              wait_for)
 from u2moe.trainer.config import TrainConfig
-from u2moe.trainer.ds_config import DeepSpeedConfigError, load_ds_config
+from u2moe.trainer.ds_config import DeepSpeedConfigError, load_ds_config, trainer_clips
 from u2moe.trainer.scheduler import warmup_lr
 
 
@@ -30,6 +30,21 @@ def test_ds_config_refuses_what_the_yaml_owns(tmp_path):
     path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     with pytest.raises(DeepSpeedConfigError, match="stage 3"):
         load_ds_config(path, TrainConfig(), 2)
+    path.write_text(json.dumps({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}))
+    with pytest.raises(DeepSpeedConfigError, match="torch_autocast"):
+        load_ds_config(path, TrainConfig(), 2)
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True},
+                                "torch_autocast": {"enabled": True}}))
+    with pytest.raises(DeepSpeedConfigError, match="bf16 and torch_autocast"):
+        load_ds_config(path, TrainConfig(), 2)
+    path.write_text(json.dumps({"zero_optimization": {"stage": 0}, "torch_autocast": {"enabled": True,
+                                                                                       "dtype": "int8"}}))
+    with pytest.raises(DeepSpeedConfigError, match="int8"):
+        load_ds_config(path, TrainConfig(), 2)
+    # Without ZeRO the trainer clips, so DeepSpeed must not clip a second time.
+    path.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    cfg = load_ds_config(path, TrainConfig(grad_clip=3.0), 2)
+    assert trainer_clips(cfg) and cfg["gradient_clipping"] == 0.0
     path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
     cfg = load_ds_config(path, TrainConfig(grad_clip=3.0, accum_grad=4), 2)
     assert (cfg["gradient_clipping"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"]) == (3.0, 4, 8)
@@ -156,7 +171,6 @@ def test_an_epoch_without_a_step_stops_the_run(corpus, tmp_path):
 
 def test_bench_train_reads_one_epoch_and_steps(corpus, tmp_path):
     """`u2moe bench train`: the loader pass covers the whole training set, the steps run."""
-    from u2moe.cli import main
     from test_data_support import read_kaldi_table
 
     cmd = train_command(corpus, tmp_path / "unused", nproc=1)
@@ -165,12 +179,50 @@ def test_bench_train_reads_one_epoch_and_steps(corpus, tmp_path):
         i = config_args.index(flag)
         del config_args[i:i + 2]
     out = tmp_path / "bench.json"
-    with pytest.raises(SystemExit) as done:
-        main(["bench", "train", *config_args, "--loader-batches", "1000", "--steps", "2", "--profile", "1",
-              "--json", str(out)])
-    assert done.value.code == 0
+    # A process of its own: the bench sets up torch.distributed, as `u2moe train` does.
+    run([*cmd[:cmd.index("train")], "bench", "train", *config_args, "--loader-batches", "1000", "--steps", "2",
+         "--profile", "1", "--json", str(out)], timeout=300, log=tmp_path / "bench.log")
     result = json.loads(out.read_text())
     root = corpus["train"].parents[1] / "corpus"
     audio = [sf.info(str(root / rel)).duration for rel in read_kaldi_table(root / "train" / "wav.scp").values()]
     assert result["loader_audio_seconds"] == pytest.approx(sum(audio), abs=0.05)
     assert result["steps"] == 2 and result["step_audio_s_per_s"] > 0 and result["aten_ops_per_step"] > 0
+
+
+def test_zero0_autocast_resumes_exactly_and_keeps_fp32_weights(corpus, tmp_path):
+    """ds_configs/zero0_bf16.json (no ZeRO, torch.autocast bf16): a run stopped at step 2 and
+    resumed matches the straight run's losses; weights and exported model stay fp32."""
+    from u2moe.model.checkpoint import load_model_file
+    from u2moe.trainer.export import export_model
+
+    extra = ["train.save_interval=2", "train.max_epochs=5", "train.expert_parallel_size=1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(train_command(corpus, straight, nproc=1, ds_config="zero0_bf16", extra=[*extra, "train.max_steps=4"]),
+        timeout=300, log=tmp_path / "straight.log")
+    run(train_command(corpus, split, nproc=1, ds_config="zero0_bf16", extra=[*extra, "train.max_steps=2"]),
+        timeout=300, log=tmp_path / "first.log")
+    run(train_command(corpus, split, nproc=1, ds_config="zero0_bf16", extra=[*extra, "train.max_steps=4"]),
+        timeout=300, log=tmp_path / "resumed.log")
+    assert "resumed from step 2" in (tmp_path / "resumed.log").read_text()
+    reference, resumed = train_losses(straight), train_losses(split)
+    assert sorted(reference) == sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-6), step
+    export_model(split, tmp_path / "model.pt")
+    model, _, _ = load_model_file(tmp_path / "model.pt")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_memory_cap_refuses_allocations_past_it():
+    from u2moe.trainer.distributed import cap_gpu_memory
+
+    device = torch.device("cuda", 0)
+    cap_gpu_memory(device, 1.0)
+    try:
+        kept = torch.empty(512 * 2**20, dtype=torch.uint8, device=device)  # 0.5 GiB fits
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(2**30, dtype=torch.uint8, device=device)
+        del kept
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)

@@ -36,14 +36,17 @@ def _sync(device: torch.device) -> None:
 
 
 def measure_loader(trainer: Any, max_batches: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """One pass over the training data (at most max_batches): rate, first-batch wait, and the
-    first batches for the step measurement."""
+    """One pass over the training data (at most max_batches) with the next epoch prefetched as
+    the trainer does: rate, the first batch's wait in a cold epoch and in the prefetched one,
+    and the first batches for the step measurement."""
     loader = trainer._loader(trainer.paths.train_shards, train=True)
     started = time.perf_counter()
     first = None
     audio = 0.0
     kept: list[dict[str, Any]] = []
-    for count, batch in enumerate(loader, 1):
+    batches = iter(loader)
+    loader.prefetch(1)
+    for count, batch in enumerate(batches, 1):
         if first is None:
             first = time.perf_counter() - started
         audio += sum(batch["durations"])
@@ -52,7 +55,12 @@ def measure_loader(trainer: Any, max_batches: int) -> tuple[dict[str, float], li
         if count >= max_batches:
             break
     elapsed = time.perf_counter() - started
-    return {"loader_audio_s_per_s": audio / elapsed, "loader_audio_seconds": audio, "loader_first_batch_s": first or 0.0,
+    loader.set_epoch(1)
+    waited = time.perf_counter()
+    next(iter(loader))
+    waited = time.perf_counter() - waited
+    return {"loader_audio_s_per_s": audio / elapsed, "loader_audio_seconds": audio,
+            "loader_first_batch_s": first or 0.0, "loader_prefetched_first_batch_s": waited,
             "loader_batches": count, "loader_seconds": elapsed}, kept
 
 
@@ -125,11 +133,12 @@ def profile_steps(trainer: Any, batches: list[dict[str, Any]], steps: int, out: 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from u2moe.config import load_config
-    from u2moe.trainer.distributed import init_distributed
+    from u2moe.trainer.distributed import cap_gpu_memory, init_distributed
     from u2moe.trainer.train import Trainer, TrainPaths
 
     cfg = load_config(args.config, args.set)
     info = init_distributed()
+    cap_gpu_memory(info.device, args.max_gpu_memory_gb)
     with tempfile.TemporaryDirectory() as exp_dir:
         paths = TrainPaths(args.train_shards, args.train_shards, args.units, args.cmvn, Path(exp_dir),
                            args.ds_config)

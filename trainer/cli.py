@@ -8,11 +8,12 @@ from pathlib import Path
 
 def _train(args: argparse.Namespace) -> int:
     from u2moe.config import load_config
-    from u2moe.trainer.distributed import init_distributed
+    from u2moe.trainer.distributed import cap_gpu_memory, init_distributed
     from u2moe.trainer.train import TrainPaths, run_training
 
     cfg = load_config(args.config, args.set)  # before any process group: bad keys fail fast
     info = init_distributed()
+    cap_gpu_memory(info.device, args.max_gpu_memory_gb)
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank {info.rank}] %(message)s")
     paths = TrainPaths(args.train_shards, args.dev_shards, args.units, args.cmvn, Path(args.exp_dir),
@@ -38,6 +39,8 @@ def add_model_and_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cmvn", required=True, help="global CMVN JSON (u2moe prep cmvn)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. optim.lr=5e-4 (repeatable)")
+    p.add_argument("--max-gpu-memory-gb", type=float, default=None,
+                   help="cap each process's GPU memory at this many GiB (e.g. 24 to try a consumer-card recipe)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -63,3 +63,18 @@ def init_distributed() -> DistInfo:
     # DeepSpeed logs every engine detail at INFO on every rank; our progress lines say what matters.
     deepspeed.utils.logger.setLevel(logging.WARNING)
     return DistInfo(int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"]), device)
+
+
+def cap_gpu_memory(device: torch.device, gigabytes: float | None) -> None:
+    """Let this process allocate at most `gigabytes` GiB on its GPU, as if the card were that
+    small (e.g. 24 on an 80 GB card, to check a recipe for consumer cards). Allocations past the
+    cap raise out-of-memory; the caching allocator's peak stays below it. No-op on CPU."""
+    if gigabytes is None or device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = gigabytes * 2**30 / total
+    if fraction > 1:
+        logging.getLogger("u2moe.train").warning("--max-gpu-memory-gb %g exceeds the card's %.1f GiB; no cap",
+                                                 gigabytes, total / 2**30)
+        return
+    torch.cuda.set_per_process_memory_fraction(fraction, device)

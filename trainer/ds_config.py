@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from u2moe.dataconf import ConfigError
 from u2moe.trainer.config import TrainConfig
 
@@ -41,20 +43,46 @@ def load_ds_config(path: str | Path, train: TrainConfig, world_size: int) -> dic
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2):
         raise DeepSpeedConfigError(f"{path}: zero_optimization.stage {stage} is not supported (0, 1 or 2)")
-    if cfg.get("fp16", {}).get("enabled") and cfg.get("bf16", {}).get("enabled"):
-        raise DeepSpeedConfigError(f"{path}: fp16 and bf16 are both enabled")
+    enabled = [k for k in ("fp16", "bf16", "torch_autocast") if cfg.get(k, {}).get("enabled")]
+    if len(enabled) > 1:
+        raise DeepSpeedConfigError(f"{path}: {' and '.join(enabled)} are all enabled; choose one")
+    try:
+        autocast_dtype(cfg)
+    except KeyError as err:
+        raise DeepSpeedConfigError(f"{path}: torch_autocast.dtype {err} is not bfloat16 or float16") from None
     # One dynamic batch is one DeepSpeed micro-batch.
     cfg["train_micro_batch_size_per_gpu"] = 1
     cfg["gradient_accumulation_steps"] = train.accum_grad
     cfg["train_batch_size"] = train.accum_grad * world_size
-    cfg["gradient_clipping"] = train.grad_clip
+    if stage == 0 and any(cfg.get(k, {}).get("enabled") for k in ("fp16", "bf16")):
+        raise DeepSpeedConfigError(f"{path}: without ZeRO (stage 0) the weights stay fp32: use "
+                                   '"torch_autocast": {"enabled": true, "dtype": "bfloat16"} instead of fp16/bf16')
+    # Without ZeRO the trainer clips (trainer/clipping.py: DeepSpeed's stage-0 norm is wrong
+    # under expert parallelism); with ZeRO, DeepSpeed does.
+    cfg["gradient_clipping"] = train.grad_clip if stage else 0.0
     # Our AdamW is a plain torch optimizer handed to deepspeed.initialize.
     cfg["zero_allow_untested_optimizer"] = True
     cfg.setdefault("steps_per_print", 10**9)
     return cfg
 
 
+def trainer_clips(cfg: dict[str, Any]) -> bool:
+    """Whether the trainer, not DeepSpeed, clips gradients (no ZeRO: see load_ds_config)."""
+    return cfg.get("zero_optimization", {}).get("stage", 0) == 0
+
+
+def autocast_dtype(cfg: dict[str, Any]) -> torch.dtype | None:
+    """The dtype of DeepSpeed's `torch_autocast` mode (fp32 weights and optimizer, matmuls in
+    bf16/fp16 under torch.autocast), None when it is off."""
+    section = cfg.get("torch_autocast", {})
+    if not section.get("enabled"):
+        return None
+    return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+            "fp16": torch.float16}[section.get("dtype", "bfloat16")]
+
+
 def precision(cfg: dict[str, Any]) -> str:
+    """The dtype of the model's weights (and of the inputs the trainer hands it)."""
     if cfg.get("bf16", {}).get("enabled"):
         return "bf16"
     if cfg.get("fp16", {}).get("enabled"):

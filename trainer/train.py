@@ -60,7 +60,8 @@ class Trainer:
         from u2moe.model import U2Model
         from u2moe.model.cmvn import GlobalCMVN, load_cmvn
         from u2moe.model.moe.parallel import enable_expert_parallel
-        from u2moe.trainer.ds_config import load_ds_config, precision
+        from u2moe.trainer.clipping import GradClipper
+        from u2moe.trainer.ds_config import autocast_dtype, load_ds_config, precision, trainer_clips
         from u2moe.trainer.optim import build_optimizer
         from u2moe.trainer.scheduler import warmup_lr
 
@@ -72,22 +73,32 @@ class Trainer:
                              f"{cfg.model.vocab_size}; set --set model.vocab_size={self.tokenizer.vocab_size}")
         ds_cfg = load_ds_config(paths.ds_config, cfg.train, info.world_size)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision(ds_cfg)]
+        self.autocast = autocast_dtype(ds_cfg)  # DeepSpeed applies it in training; evaluate() too
         torch.manual_seed(cfg.train.seed)
         model = U2Model(cfg.model, GlobalCMVN(*load_cmvn(paths.cmvn)))
         if paths.init_model:
             self._warm_start(model, paths.init_model)
+        expert_group = None
         if model.moe_layers():
             # After the warm start: the full model's experts are sliced for this rank here, so a
             # model.pt from any expert-parallel size starts any other.
             if info.world_size % cfg.train.expert_parallel_size:
                 raise ConfigError(f"train.expert_parallel_size={cfg.train.expert_parallel_size} does not "
                                   f"divide the world size {info.world_size}")
-            enable_expert_parallel(model, cfg.train.expert_parallel_size)
+            from deepspeed.utils import groups
+
+            expert_group = groups._get_expert_parallel_group(
+                enable_expert_parallel(model, cfg.train.expert_parallel_size))
+        # On the device before the optimizer is built: torch's fused AdamW (one kernel for all
+        # parameters) needs device parameters; ZeRO replaces them with its own flat partitions.
+        model.to(info.device)
         optimizer = build_optimizer(model, cfg.optim)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=warmup_lr(optimizer, cfg.optim.warmup_steps),
             config=ds_cfg)
         self.model = model
+        self.clipper = GradClipper(model, cfg.train.grad_clip, expert_group) if trainer_clips(ds_cfg) else None
+        self.grad_norm: torch.Tensor | None = None  # the last step's, when the trainer clips
         self.features = FeatureExtractor(cfg.data).to(info.device) if cfg.data.device_features else None
         self.ckpt_root = paths.exp_dir / "checkpoints"
         self.reporter = Reporter(paths.exp_dir, info.is_main)
@@ -134,6 +145,8 @@ class Trainer:
         out = self.engine(feats, lens, target, target_lens)
         self.engine.backward(out["loss"])
         boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary and self.clipper is not None:
+            self.grad_norm = self.clipper()
         self.engine.step()
         return {**out, "frames": lens.sum()}, boundary
 
@@ -143,6 +156,12 @@ class Trainer:
     def save(self) -> None:
         if self.last_saved_step == self.engine.global_steps:  # e.g. save_interval hit the last step
             return
+        if self.grad_norm is not None and not torch.isfinite(self.grad_norm):
+            # The trainer's clipping does not skip such steps (trainer/clipping.py): never
+            # overwrite good checkpoints with NaN weights.
+            raise RuntimeError(f"step {self.engine.global_steps}: gradient norm {float(self.grad_norm)}, training "
+                               f"diverged; not checkpointing. Resume from the last checkpoint in {self.ckpt_root} "
+                               "with a lower optim.lr")
         self.last_saved_step = self.engine.global_steps
         save_checkpoint(self.engine, self.ckpt_root, self.engine.global_steps, self._client_state(),
                         self.cfg.train.expert_parallel_size, self.cfg.train.keep_checkpoints)
@@ -179,6 +198,8 @@ class Trainer:
             batches = iter(loader)
             for _ in range(self.batches_in_epoch):  # resume mid-epoch: the same stream, fast-forwarded
                 next(batches, None)
+            if self.epoch + 1 < t.max_epochs:
+                loader.prefetch(self.epoch + 1)  # its workers fill their buffers during this epoch
             while True:
                 waited = time.perf_counter()
                 batch = next(batches, None)
@@ -223,7 +244,7 @@ class Trainer:
     def _log(self, step: int, meter: ThroughputMeter, load_sum: torch.Tensor | None) -> None:
         stats = meter.report()
         stats["lr"] = self.scheduler.get_last_lr()[0]
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.grad_norm if self.clipper is not None else self.engine.get_global_grad_norm()
         stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         stats["gpu_mem_gb"] = gpu_memory_gb(self.info.device)
         if load_sum is not None:
@@ -242,8 +263,12 @@ class Trainer:
             f"mem {stats['gpu_mem_gb']:.1f}GB")
         self.reporter.scalars("train", stats, step)
 
-    @torch.no_grad()
     def evaluate(self, dev_loader: Any, step: int) -> dict[str, float]:
+        with torch.no_grad(), torch.autocast(self.info.device.type, dtype=self.autocast or torch.float32,
+                                             enabled=self.autocast is not None):
+            return self._evaluate(dev_loader, step)
+
+    def _evaluate(self, dev_loader: Any, step: int) -> dict[str, float]:
         """Dev losses (averaged over the utterances of all ranks) and CTC-greedy CER/WER.
 
         Ranks run forward passes in lock-step (expert all-to-all), so a rank whose dev data is

@@ -22,6 +22,7 @@ _BENCH_REGISTRARS: list[str] = [
     "u2moe.model.decoding.rtf",
     "u2moe.model.moe.bench",
     "u2moe.trainer.bench",
+    "u2moe.trainer.memory",
 ]
 
 

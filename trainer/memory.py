@@ -1,0 +1,149 @@
+"""`u2moe bench memory`: predicted GPU memory per card for a preset, a GPU count, expert
+parallelism and a ZeRO stage, and the largest dynamic batch that fits.
+
+Model states (exact, from the parameter count; checked against DeepSpeed's own allocations in
+tests/test_memory_model.py). Per card, with S shared parameters, X expert parameters in all, N
+GPUs, P-way expert parallelism (each card holds X/P expert parameters; their data-parallel group
+has N/P cards, so ZeRO splits shared state N ways and expert state N/P ways, X/N per card):
+- ZeRO-1/2 with DeepSpeed's bf16/fp16 engine: 2-byte weights; 2-byte gradients of the whole local
+  model (ZeRO-1) or only a reduce bucket of them (ZeRO-2); the fp32 master weights, their fp32
+  gradients and Adam's two moments (16 bytes) for this card's partition.
+- no ZeRO with torch_autocast (`ds_configs/zero0_bf16.json`): fp32 weights, fp32 gradients and
+  Adam's moments (16 bytes) for the whole local model, plus the bf16 copies autocast makes of
+  the matmul weights (2 bytes).
+Activations (measured): the bytes the forward pass keeps for backward, counted with
+torch.autograd's saved-tensor hooks on this machine's CPU with bf16 weights, for one utterance
+at three lengths, fitted as a + b T + c T^2 (attention is quadratic in T); a batch of F frames of
+utterances of T frames holds F / T of them. CPU attention keeps its softmax probabilities, which
+GPU kernels recompute, so the quadratic term is an upper bound on a GPU's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from u2moe.model.config import ModelConfig
+from u2moe.model.params import count_config_parameters
+
+GiB = 2**30
+
+
+@dataclass
+class ModelStates:
+    """Bytes per card for weights, gradients and optimizer state."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer
+
+
+def model_states(shared: int, experts: int, gpus: int, ep: int, zero: int,
+                 reduce_bucket: int = 200_000_000) -> ModelStates:
+    """See the module docstring. zero 0 means torch_autocast without ZeRO; 1 and 2 the bf16 engine."""
+    if gpus % ep or zero not in (0, 1, 2):
+        raise ValueError(f"need ep dividing gpus and zero in 0/1/2 (gpus={gpus}, ep={ep}, zero={zero})")
+    local = shared + experts / ep
+    partition = shared / gpus + experts / gpus  # experts: X/P over N/P cards
+    if zero == 0:
+        return ModelStates(weights=4 * local + 2 * local, gradients=4 * local, optimizer=8 * local)
+    grads = 2 * local if zero == 1 else 2 * min(reduce_bucket, local)
+    return ModelStates(weights=2 * local, gradients=grads + 4 * partition, optimizer=12 * partition)
+
+
+def measure_activations(cfg: ModelConfig, input_frames: int, checkpointing: bool = False) -> int:
+    """Bytes saved for backward by one training forward of a one-utterance batch (CPU, bf16)."""
+    from dataclasses import replace
+
+    from u2moe.model import U2Model
+
+    enc = replace(cfg.encoder, gradient_checkpointing=checkpointing, use_dynamic_chunk=False)
+    dec = replace(cfg.decoder, gradient_checkpointing=checkpointing)
+    # bf16 weights, as DeepSpeed's bf16 engine holds them (autocast would add weight copies,
+    # which are per step, not per utterance).
+    model = U2Model(replace(cfg, encoder=enc, decoder=dec)).to(torch.bfloat16).train()
+    tokens = max(2, input_frames // 40)  # about 2.5 tokens a second, BPE-like
+    feats = torch.randn(1, input_frames, cfg.encoder.input_size, dtype=torch.bfloat16)
+    target = torch.randint(1, cfg.vocab_size - 1, (1, tokens))
+    saved: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        # Count each storage once: views of one tensor share it.
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model(feats, torch.tensor([input_frames]), target, torch.tensor([tokens]))
+    return sum(n for ptr, n in saved.items() if ptr not in params)
+
+
+def fit_activations(cfg: ModelConfig, lengths: tuple[int, int, int] = (300, 600, 1200),
+                    checkpointing: bool = False) -> tuple[float, float, float]:
+    """(a, b, c) of bytes(T) = a + b T + c T^2, T in input frames, through three measurements."""
+    xs = [float(t) for t in lengths]
+    ys = [float(measure_activations(cfg, t, checkpointing)) for t in lengths]
+    coeffs = torch.linalg.solve(torch.tensor([[1.0, x, x * x] for x in xs], dtype=torch.float64),
+                                torch.tensor(ys, dtype=torch.float64))
+    return tuple(float(c) for c in coeffs)  # type: ignore[return-value]
+
+
+def activation_bytes(fit: tuple[float, float, float], batch_frames: int, utt_frames: int) -> float:
+    a, b, c = fit
+    return batch_frames / utt_frames * (a + b * utt_frames + c * utt_frames**2)
+
+
+def plan(config: str, gpus: int, ep: int, zero: int, gpu_gb: float, utt_seconds: float,
+         checkpointing: bool, reserve_gb: float) -> dict[str, Any]:
+    from u2moe.config import load_config
+
+    cfg = load_config(config, []).model
+    counts = count_config_parameters(cfg)
+    states = model_states(counts["total"] - counts["experts"], counts["experts"], gpus, ep, zero)
+    fit = fit_activations(cfg, checkpointing=checkpointing)
+    utt = int(utt_seconds * 100)
+    per_frame = activation_bytes(fit, 1, utt)
+    room = gpu_gb * GiB - states.total - reserve_gb * GiB
+    fits = max(0, math.floor(room / per_frame / 1000) * 1000) if room > 0 else 0
+    return {"config": config, "gpus": gpus, "ep": ep, "zero": zero, "gpu_gb": gpu_gb,
+            "parameters": counts["total"], "expert_parameters": counts["experts"],
+            "model_states_gb": {k: v / GiB for k, v in asdict(states).items()} | {"total": states.total / GiB},
+            "activation_fit_bytes": {"a": fit[0], "b_per_frame": fit[1], "c_per_frame2": fit[2]},
+            "utterance_frames": utt, "activation_mb_per_batch_frame": per_frame / 2**20,
+            "gradient_checkpointing": checkpointing, "reserve_gb": reserve_gb,
+            "max_batch_frames": fits}
+
+
+def register_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("memory", help="predicted GPU memory per card and the largest batch that fits")
+    p.add_argument("--config", default="moe_1b")
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--ep", type=int, default=8, help="expert-parallel size")
+    p.add_argument("--zero", type=int, default=2, choices=(0, 1, 2),
+                   help="ZeRO stage (0: ds_configs/zero0_bf16.json; 1/2: the bf16 engine)")
+    p.add_argument("--gpu-gb", type=float, default=24.0)
+    p.add_argument("--utt-seconds", type=float, default=15.0, help="utterance length the batch is made of")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--reserve-gb", type=float, default=2.0,
+                   help="CUDA context, allocator fragmentation, communication buffers")
+    p.add_argument("--json", default=None)
+    p.set_defaults(handler=_handler)
+
+
+def _handler(args: argparse.Namespace) -> int:
+    result = plan(args.config, args.gpus, args.ep, args.zero, args.gpu_gb, args.utt_seconds,
+                  args.gradient_checkpointing, args.reserve_gb)
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(json.dumps(result, indent=1) + "\n")
+    return 0
