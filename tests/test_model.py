@@ -152,6 +152,9 @@ def test_preset_parameter_counts():
     assert moe["total"] - moe["experts"] - moe["routers"] == dense["total"] - _ffn_params(dense, "dense_225m")
     # A frame passes 2 of 8 experts: active = non-expert + experts / 4.
     assert moe["active_per_frame"] == moe["total"] - moe["experts"] + moe["experts"] // 4
+    # The small-scale experiment: big_dense has about small_moe's total parameters.
+    small_moe, big_dense = (count_config_parameters(load_config(n).model)["total"] for n in ("small_moe", "big_dense"))
+    assert big_dense == pytest.approx(small_moe, rel=0.02)
     for name in ("tiny_dense", "tiny_moe"):
         assert count_config_parameters(load_config(name).model)["total"] < 20e6
 

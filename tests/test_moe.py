@@ -95,3 +95,19 @@ def test_balancing_loss_is_one_for_uniform_routing():
     routing = router(x)
     assert routing.expert_ids.squeeze(1).tolist() == [0, 1, 2, 3]
     torch.testing.assert_close(routing.aux_loss, torch.tensor(1.0))
+
+
+def test_expert_counts_match_bincount_without_host_reads():
+    from u2moe.model.moe.router import count_per_expert
+
+    ids = torch.tensor([3, 0, 3, 5, 0, 3], dtype=torch.int64)
+    torch.testing.assert_close(count_per_expert(ids, 8), torch.bincount(ids, minlength=8))
+    empty = torch.zeros(0, dtype=torch.int64)
+    torch.testing.assert_close(count_per_expert(empty, 4), torch.zeros(4, dtype=torch.int64))
+    if torch.cuda.is_available():
+        on_gpu = ids.cuda()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            count_per_expert(on_gpu, 8)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from u2moe.model.moe.router import Routing
+from u2moe.model.moe.router import Routing, count_per_expert
 
 
 @dataclass
@@ -33,7 +33,7 @@ class SortedTokenDispatcher:
         top_k = routing.expert_ids.size(1)
         flat_ids = routing.expert_ids.reshape(-1)
         order = torch.argsort(flat_ids, stable=True)
-        tokens_per_expert = torch.bincount(flat_ids, minlength=self.num_experts)
+        tokens_per_expert = count_per_expert(flat_ids, self.num_experts)
         state = DispatchState(order, routing.weights, x.size(0), tokens_per_expert)
         return x.index_select(0, order // top_k), tokens_per_expert, state
 

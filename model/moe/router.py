@@ -15,6 +15,14 @@ class Routing:
     aux_loss: torch.Tensor | None  # weighted load-balancing loss, when enabled
 
 
+def count_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64 counts of each expert id. Not torch.bincount: on CUDA it reads the id range
+    back to the host (a stall per MoE layer), even with minlength. A compare-and-sum over
+    [N, E] needs neither host reads nor atomics."""
+    experts = torch.arange(num_experts, device=expert_ids.device)
+    return (expert_ids.unsqueeze(1) == experts).sum(dim=0)
+
+
 class TopKRouter(nn.Module):
     def __init__(self, dim: int, num_experts: int, top_k: int,
                  noise_std: float = 0.0, aux_loss_weight: float = 0.0):
@@ -51,6 +59,6 @@ class TopKRouter(nn.Module):
     def _load_balancing_loss(self, logits: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """Switch-Transformer loss E * sum_i f_i * P_i; equals 1 when the load is uniform."""
         probs = logits.softmax(dim=-1).mean(dim=0)
-        counts = torch.bincount(expert_ids.reshape(-1), minlength=self.num_experts)
+        counts = count_per_expert(expert_ids.reshape(-1), self.num_experts)
         fraction = counts.float() / expert_ids.numel()
         return self.num_experts * (fraction * probs).sum()
