@@ -7,7 +7,8 @@
 # overrides come from $TRAIN_SET (space-separated key=value); $MAX_MINUTES adds a training-time
 # budget per preset (evaluation excluded); $GPUS > 1 trains with that many processes. Test-set decoding: $DECODE_MODES (default
 # ctc_greedy,attention_rescoring) at each chunk size of $DECODE_CHUNKS (default -1: full context).
-# Per preset: OUT/PRESET/ (metrics.jsonl, model.pt, decode_chunkN/), OUT/PRESET.*.log, and a
+# Per preset: OUT/PRESET/ (metrics.jsonl, model.pt, decode_chunkN/), OUT/PRESET.*.log,
+# OUT/PRESET.metrics.jsonl (bench/plot_dev_loss.py plots them), and a
 # summary of throughput and error rates in OUT/summary.txt.
 set -euo pipefail
 data=$(realpath "$1"); out=$(realpath -m "$2"); steps=$3; shift 3
@@ -34,6 +35,7 @@ for preset in "$@"; do
     --dev-shards "$data/dev/shards.list" --units "$data/units" --cmvn "$data/cmvn.json" --exp-dir "$exp" \
     --max-steps "$steps" --set model.vocab_size="$vocab" "${sets[@]}" 2>&1 | grep -v "INFO\] \[" | tee "$exp.train.log"
   echo "$preset train wall $(( $(date +%s) - start )) s" | tee -a "$out/summary.txt"
+  cp "$exp/metrics.jsonl" "$out/$preset.metrics.jsonl"  # for bench/plot_dev_loss.py, beside the logs
   python3 -m u2moe export --exp-dir "$exp" --out "$exp/model.pt"
   grep -h "audio_s/s" "$exp.train.log" | tail -n 3 >> "$out/summary.txt"
   for chunk in ${DECODE_CHUNKS:--1}; do
