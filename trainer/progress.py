@@ -23,22 +23,27 @@ class ThroughputMeter:
     would stall the host on the GPU every step.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, peak_tflops: float | None = None):
         self.device = device
+        self.peak_tflops = peak_tflops  # per GPU; MFU is reported when known
         self.reset()
 
     def reset(self) -> None:
         self.start = time.perf_counter()
         self.audio_seconds = 0.0
         self.data_seconds = 0.0
+        self.flops = 0
         self.batches = 0
         self.sums: dict[str, torch.Tensor] = {}
 
-    def add(self, audio_seconds: float, values: dict[str, torch.Tensor], data_seconds: float) -> None:
+    def add(self, audio_seconds: float, values: dict[str, torch.Tensor], data_seconds: float,
+            flops: int = 0) -> None:
         """values: device scalars (loss terms, frames) of one micro-batch; data_seconds: time the
-        loop waited for this batch (a data-bound run shows it)."""
+        loop waited for this batch (a data-bound run shows it); flops: its model FLOPs
+        (model/flops.py), counted on the host."""
         self.audio_seconds += audio_seconds
         self.data_seconds += data_seconds
+        self.flops += flops
         self.batches += 1
         for name, value in values.items():
             value = value.detach().double()
@@ -48,15 +53,18 @@ class ThroughputMeter:
         """Collective: every rank must call it at the same step. Frames and audio are totals
         per second; everything else is a mean per micro-batch."""
         names = sorted(self.sums)
-        local = torch.stack([torch.tensor(float(self.audio_seconds), dtype=torch.float64, device=self.device),
-                             torch.tensor(float(self.batches), dtype=torch.float64, device=self.device)]
-                            + [self.sums[n].to(self.device) for n in names])
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        host = torch.tensor([self.audio_seconds, self.batches, self.flops], dtype=torch.float64)
+        local = torch.cat([host.to(self.device)] + [self.sums[n].to(self.device).reshape(1) for n in names])
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world > 1:
             dist.all_reduce(local)
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        audio, batches, *sums = local.tolist()
+        audio, batches, flops, *sums = local.tolist()
         # Rank 0's own wait: the slowest reader shows as every rank waiting in the next collective.
-        out = {"audio_s_per_s": audio / elapsed, "data_wait_frac": self.data_seconds / elapsed}
+        out = {"audio_s_per_s": audio / elapsed, "data_wait_frac": self.data_seconds / elapsed,
+               "tflops_per_gpu": flops / elapsed / world / 1e12}
+        if self.peak_tflops:
+            out["mfu"] = out["tflops_per_gpu"] / self.peak_tflops
         for name, value in zip(names, sums):
             if name == "frames":
                 out["frames_per_s"] = value / elapsed

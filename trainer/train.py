@@ -60,6 +60,7 @@ class Trainer:
         from u2moe.model import U2Model
         from u2moe.model.cmvn import GlobalCMVN, load_cmvn
         from u2moe.model.moe.parallel import enable_expert_parallel
+        from u2moe.model.flops import peak_tflops
         from u2moe.trainer.clipping import GradClipper
         from u2moe.trainer.ds_config import autocast_dtype, load_ds_config, precision, trainer_clips
         from u2moe.trainer.optim import build_optimizer
@@ -99,6 +100,7 @@ class Trainer:
         self.model = model
         self.clipper = GradClipper(model, cfg.train.grad_clip, expert_group) if trainer_clips(ds_cfg) else None
         self.grad_norm: torch.Tensor | None = None  # the last step's, when the trainer clips
+        self.peak_tflops = peak_tflops(torch.cuda.get_device_name(info.device)) if info.device.type == "cuda" else None
         self.features = FeatureExtractor(cfg.data).to(info.device) if cfg.data.device_features else None
         self.ckpt_root = paths.exp_dir / "checkpoints"
         self.reporter = Reporter(paths.exp_dir, info.is_main)
@@ -150,6 +152,18 @@ class Trainer:
         self.engine.step()
         return {**out, "frames": lens.sum()}, boundary
 
+    def _batch_flops(self, batch: dict[str, Any]) -> int:
+        """Model FLOPs of a training step on this batch, from its host-side lengths (no device read)."""
+        from u2moe.data_prep.features import num_frames
+        from u2moe.model.flops import training_flops
+
+        if "feats_lengths" in batch:
+            frames = batch["feats_lengths"].tolist()
+        else:  # features are made on the device from the waveforms
+            data = self.cfg.data
+            frames = [num_frames(n, data.fbank, data.sample_rate) for n in batch["wav_lengths"].tolist()]
+        return training_flops(self.cfg.model, frames, batch["target_lengths"].tolist())
+
     def _client_state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "config": to_dict(self.cfg)}
 
@@ -185,7 +199,7 @@ class Trainer:
         t = self.cfg.train
         loader = self._loader(self.paths.train_shards, train=True)
         dev_loader = self._loader(self.paths.dev_shards, train=False)
-        meter = ThroughputMeter(self.info.device)
+        meter = ThroughputMeter(self.info.device, self.peak_tflops)
         load_sum: torch.Tensor | None = None
         done = bool(t.max_steps) and self.engine.global_steps >= t.max_steps
         # A training-time budget for this invocation, evaluation excluded (so that runs with
@@ -208,7 +222,7 @@ class Trainer:
                     break
                 out, boundary = self.train_step(batch)
                 self.batches_in_epoch += 1
-                meter.add(sum(batch["durations"]), out, waited)
+                meter.add(sum(batch["durations"]), out, waited, self._batch_flops(batch))
                 load = self._expert_load()
                 if load is not None:
                     load_sum = load if load_sum is None else load_sum + load
@@ -256,10 +270,11 @@ class Trainer:
                 for (name, _), row in zip(self.model.moe_layers(), fractions.tolist()):
                     self.reporter.scalars(f"expert_load/{name}", {f"e{i}": f for i, f in enumerate(row)}, step)
         losses = " ".join(f"{k} {v:.3f}" for k, v in stats.items() if k.startswith("loss"))
+        mfu = f"mfu {100 * stats['mfu']:.1f}% " if "mfu" in stats else ""
         self.reporter.line(
             f"epoch {self.epoch} step {step} {losses} lr {stats['lr']:.2e} grad_norm {stats['grad_norm']:.3f} "
             f"frames/s {stats['frames_per_s']:.0f} audio_s/s {stats['audio_s_per_s']:.1f} "
-            f"data_wait {100 * stats['data_wait_frac']:.0f}% "
+            f"data_wait {100 * stats['data_wait_frac']:.0f}% TFLOP/s/GPU {stats['tflops_per_gpu']:.2f} {mfu}"
             f"mem {stats['gpu_mem_gb']:.1f}GB")
         self.reporter.scalars("train", stats, step)
 
