@@ -87,6 +87,29 @@ def test_expert_parallel_2_equals_single_process(num_experts, top_k):
     assert moe.last_tokens_per_expert[-1] == 0  # an expert with no frames from anyone
 
 
+def _timer_worker(rank: int, world: int, port: int, queue) -> None:
+    from u2moe.model.moe.all_to_all_dispatcher import ALL_TO_ALL_TIMER
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        moe = _layer(8, 2)
+        moe.shard_experts(dist.group.WORLD)
+        x, valid, grad_out = _inputs(8)
+        ALL_TO_ALL_TIMER.enabled = True
+        moe(x[rank].clone().requires_grad_(True), valid[rank]).backward(grad_out[rank])
+        seconds = ALL_TO_ALL_TIMER.take()
+        send_result(queue, rank, (ALL_TO_ALL_TIMER.calls, seconds, ALL_TO_ALL_TIMER.take()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_to_all_timer_counts_every_exchange_forward_and_backward():
+    """Counts, frames out and results back in the forward; both reversed in the backward."""
+    for calls, seconds, again in spawn_ranks(_timer_worker, 2, timeout=120).values():
+        assert calls == 5 and seconds > 0 and again == 0
+
+
 @pytest.mark.parametrize("ep_size", [1, 2, 4, 8])
 def test_state_dict_shard_and_merge_round_trip(ep_size):
     moe = _layer(8, 2)

@@ -84,6 +84,8 @@ def test_killed_two_process_run_resumes_and_matches_the_uninterrupted_run(corpus
     kill_all(proc)
     run(cmd, timeout=600, log=tmp_path / "resumed.log")
     assert "resumed from step 4" in (tmp_path / "resumed.log").read_text()
+    # Expert parallelism: the log gives the all-to-all's share of the step time.
+    assert all(0 < r["all_to_all_share"] < 1 for r in train_losses(ref_dir).values())
     resumed = train_losses(run_dir)
     assert max(resumed) == last_step
     for step in range(5, last_step + 1):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,9 +24,12 @@ class ThroughputMeter:
     would stall the host on the GPU every step.
     """
 
-    def __init__(self, device: torch.device, peak_tflops: float | None = None):
+    def __init__(self, device: torch.device, peak_tflops: float | None = None,
+                 comm_seconds: Callable[[], float] | None = None):
         self.device = device
         self.peak_tflops = peak_tflops  # per GPU; MFU is reported when known
+        # Seconds spent in expert all-to-alls since the last call (this rank), when timed.
+        self.comm_seconds = comm_seconds
         self.reset()
 
     def reset(self) -> None:
@@ -65,6 +69,8 @@ class ThroughputMeter:
                "tflops_per_gpu": flops / elapsed / world / 1e12}
         if self.peak_tflops:
             out["mfu"] = out["tflops_per_gpu"] / self.peak_tflops
+        if self.comm_seconds is not None:
+            out["all_to_all_share"] = self.comm_seconds() / elapsed
         for name, value in zip(names, sums):
             if name == "frames":
                 out["frames_per_s"] = value / elapsed

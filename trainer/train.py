@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,15 @@ class Trainer:
         self.engine.step()
         return {**out, "frames": lens.sum()}, boundary
 
+    def _all_to_all_seconds(self) -> Callable[[], float] | None:
+        """Under expert parallelism, the time the expert all-to-alls take (for the log)."""
+        if self.cfg.train.expert_parallel_size == 1 or not self.model.moe_layers():
+            return None
+        from u2moe.model.moe.all_to_all_dispatcher import ALL_TO_ALL_TIMER
+
+        ALL_TO_ALL_TIMER.enabled = True
+        return ALL_TO_ALL_TIMER.take
+
     def _batch_flops(self, batch: dict[str, Any]) -> int:
         """Model FLOPs of a training step on this batch, from its host-side lengths (no device read)."""
         from u2moe.data_prep.features import num_frames
@@ -199,7 +209,7 @@ class Trainer:
         t = self.cfg.train
         loader = self._loader(self.paths.train_shards, train=True)
         dev_loader = self._loader(self.paths.dev_shards, train=False)
-        meter = ThroughputMeter(self.info.device, self.peak_tflops)
+        meter = ThroughputMeter(self.info.device, self.peak_tflops, self._all_to_all_seconds())
         load_sum: torch.Tensor | None = None
         done = bool(t.max_steps) and self.engine.global_steps >= t.max_steps
         # A training-time budget for this invocation, evaluation excluded (so that runs with
@@ -271,6 +281,8 @@ class Trainer:
                     self.reporter.scalars(f"expert_load/{name}", {f"e{i}": f for i, f in enumerate(row)}, step)
         losses = " ".join(f"{k} {v:.3f}" for k, v in stats.items() if k.startswith("loss"))
         mfu = f"mfu {100 * stats['mfu']:.1f}% " if "mfu" in stats else ""
+        if "all_to_all_share" in stats:
+            mfu += f"all_to_all {100 * stats['all_to_all_share']:.0f}% "
         self.reporter.line(
             f"epoch {self.epoch} step {step} {losses} lr {stats['lr']:.2e} grad_norm {stats['grad_norm']:.3f} "
             f"frames/s {stats['frames_per_s']:.0f} audio_s/s {stats['audio_s_per_s']:.1f} "

@@ -9,14 +9,78 @@ forward and backward.
 """
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.nn.functional import all_to_all_single
 
 from u2moe.model.moe.dispatcher import DispatchState, SortedTokenDispatcher
 from u2moe.model.moe.router import Routing
+
+
+class AllToAllTimer:
+    """Time spent in the expert all-to-alls, forward and backward, when enabled (the trainer
+    reports its share of step time). On a GPU, CUDA events around each collective on the
+    current stream, read only when `take` is called; on the CPU, wall time."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.calls = 0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._seconds = 0.0
+
+    @contextmanager
+    def time(self, device: torch.device) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        self.calls += 1
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((start, end))
+        else:
+            started = time.perf_counter()
+            yield
+            self._seconds += time.perf_counter() - started
+
+    def take(self) -> float:
+        """Seconds since the last take (waits for the recorded GPU events)."""
+        seconds = self._seconds + sum(s.elapsed_time(e) for s, e in self._events) / 1000
+        self._events.clear()
+        self._seconds = 0.0
+        return seconds
+
+
+ALL_TO_ALL_TIMER = AllToAllTimer()
+
+
+def _exchange(x: torch.Tensor, out_rows: int, out_splits: list[int], in_splits: list[int],
+              group: dist.ProcessGroup) -> torch.Tensor:
+    out = x.new_empty(out_rows, *x.shape[1:])
+    with ALL_TO_ALL_TIMER.time(x.device):
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """Variable-split all-to-all whose backward is the reverse exchange (timed both ways)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, recv_splits: list[int], send_splits: list[int],
+                group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.splits, ctx.group = (recv_splits, send_splits), group
+        return _exchange(x, sum(recv_splits), recv_splits, send_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        recv_splits, send_splits = ctx.splits
+        return _exchange(grad, sum(send_splits), send_splits, recv_splits, ctx.group), None, None, None
 
 
 @dataclass
@@ -44,14 +108,14 @@ class AllToAllTokenDispatcher:
         permuted, tokens_per_expert, local_state = self.local.dispatch(x, routing)
         # recv_counts[s, e]: frames rank s sends to this rank's local expert e.
         recv_counts = torch.empty_like(tokens_per_expert)
-        dist.all_to_all_single(recv_counts, tokens_per_expert, group=self.group)
+        with ALL_TO_ALL_TIMER.time(x.device):
+            dist.all_to_all_single(recv_counts, tokens_per_expert, group=self.group)
         recv_counts = recv_counts.view(self.ep_size, self.num_local_experts)
         # The one host sync of the layer: all-to-all split sizes live on the host.
         send_splits, recv_splits = torch.stack([
             tokens_per_expert.view(self.ep_size, self.num_local_experts).sum(1),
             recv_counts.sum(1)]).tolist()
-        received = all_to_all_single(permuted.new_empty(sum(recv_splits), x.size(1)), permuted,
-                                     recv_splits, send_splits, group=self.group)
+        received = _AllToAll.apply(permuted, recv_splits, send_splits, self.group)
         # Received rows come source rank by source rank; the experts want them expert by expert.
         local_ids = torch.arange(self.num_local_experts, device=x.device).repeat(self.ep_size)
         row_expert = torch.repeat_interleave(local_ids, recv_counts.reshape(-1),
@@ -62,6 +126,5 @@ class AllToAllTokenDispatcher:
 
     def combine(self, y: torch.Tensor, state: AllToAllState) -> torch.Tensor:
         by_source = y.new_empty(y.shape).index_copy_(0, state.regroup, y)
-        returned = all_to_all_single(y.new_empty(sum(state.send_splits), y.size(1)), by_source,
-                                     state.send_splits, state.recv_splits, group=self.group)
+        returned = _AllToAll.apply(by_source, state.send_splits, state.recv_splits, self.group)
         return self.local.combine(returned, state.local)
