@@ -5,8 +5,10 @@
 #   bench/train_compare.sh DATA OUT MAX_STEPS PRESET [PRESET ...]
 # DATA holds {train,dev,test}/shards.list, units/, cmvn.json (u2moe prep ...). Extra trainer
 # overrides come from $TRAIN_SET (space-separated key=value); $MAX_MINUTES adds a training-time
-# budget per preset (evaluation excluded); $GPUS > 1 trains with that many processes. Test-set decoding: $DECODE_MODES (default
-# ctc_greedy,attention_rescoring) at each chunk size of $DECODE_CHUNKS (default -1: full context).
+# budget per preset (evaluation excluded); $GPUS > 1 trains with that many processes; $TRAIN_ARGS
+# are more `u2moe train` arguments (e.g. "--max-gpu-memory-gb 24"). Test-set decoding: $DECODE_MODES
+# (default ctc_greedy,attention_rescoring) at each chunk size of $DECODE_CHUNKS (default -1: full
+# context; "none": no decoding, e.g. for throughput runs).
 # Per preset: OUT/PRESET/ (metrics.jsonl, model.pt, decode_chunkN/), OUT/PRESET.*.log,
 # OUT/PRESET.metrics.jsonl (bench/plot_dev_loss.py plots them), and a
 # summary of throughput and error rates in OUT/summary.txt.
@@ -31,13 +33,15 @@ for preset in "$@"; do
   for kv in ${TRAIN_SET:-}; do sets+=(--set "$kv"); done
   vocab=$(grep -c . "$data/units/units.txt")
   start=$(date +%s)
-  "${launcher[@]}" train ${MAX_MINUTES:+--max-minutes "$MAX_MINUTES"} --config "$preset" --ds-config "$ds" --train-shards "$data/train/shards.list" \
+  # shellcheck disable=SC2086
+  "${launcher[@]}" train ${MAX_MINUTES:+--max-minutes "$MAX_MINUTES"} ${TRAIN_ARGS:-} --config "$preset" --ds-config "$ds" --train-shards "$data/train/shards.list" \
     --dev-shards "$data/dev/shards.list" --units "$data/units" --cmvn "$data/cmvn.json" --exp-dir "$exp" \
     --max-steps "$steps" --set model.vocab_size="$vocab" "${sets[@]}" 2>&1 | grep -v "INFO\] \[" | tee "$exp.train.log"
   echo "$preset train wall $(( $(date +%s) - start )) s" | tee -a "$out/summary.txt"
   cp "$exp/metrics.jsonl" "$out/$preset.metrics.jsonl"  # for bench/plot_dev_loss.py, beside the logs
   python3 -m u2moe export --exp-dir "$exp" --out "$exp/model.pt"
   grep -h "audio_s/s" "$exp.train.log" | tail -n 3 >> "$out/summary.txt"
+  [ "${DECODE_CHUNKS:-}" = none ] && continue
   for chunk in ${DECODE_CHUNKS:--1}; do
     python3 -m u2moe decode --model "$exp/model.pt" --shards "$data/test/shards.list" --device "$device" \
       --modes "${DECODE_MODES:-ctc_greedy,attention_rescoring}" --chunk-size "$chunk" \
