@@ -228,3 +228,15 @@ def test_gpu_memory_cap_refuses_allocations_past_it():
         del kept
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+def test_a_diverged_run_is_not_checkpointed(corpus, tmp_path):
+    """A non-finite gradient norm (here from an absurd learning rate) stops the run at the next
+    checkpoint instead of writing NaN weights over the good ones."""
+    exp = tmp_path / "exp"
+    cmd = train_command(corpus, exp, nproc=1, ds_config="zero0_bf16",
+                        extra=["optim.lr=1e38", "train.save_interval=3", "train.max_steps=6",
+                               "train.expert_parallel_size=1"])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0 and "training diverged; not checkpointing" in proc.stderr
+    assert not (exp / "checkpoints").exists() or not any((exp / "checkpoints").glob("step_*"))
