@@ -56,6 +56,11 @@ class BiTransformerDecoder(nn.Module):
             TransformerDecoder(vocab_size, dim, cfg.r_num_blocks, cfg) if cfg.r_num_blocks > 0 else None
         )
 
+    def layers(self) -> list[nn.Module]:
+        """Every decoder layer, left-to-right then right-to-left."""
+        right = list(self.right_decoder.decoders) if self.right_decoder is not None else []
+        return [*self.left_decoder.decoders, *right]
+
     def forward(self, memory: torch.Tensor, memory_valid: torch.Tensor, ys_in: torch.Tensor,
                 ys_in_lens: torch.Tensor, r_ys_in: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:

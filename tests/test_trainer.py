@@ -240,3 +240,29 @@ def test_a_diverged_run_is_not_checkpointed(corpus, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0 and "training diverged; not checkpointing" in proc.stderr
     assert not (exp / "checkpoints").exists() or not any((exp / "checkpoints").glob("step_*"))
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_like_eager_ones(corpus, tmp_path):
+    """train.compile: the same losses as the eager model (dropout off: compiled dropout draws
+    its own random numbers), and checkpoints that load into an eager model."""
+    from u2moe.model.checkpoint import load_model_file
+    from u2moe.trainer.export import export_model
+
+    no_dropout = [f"model.{part}={0.0}" for part in (
+        "encoder.dropout_rate", "encoder.positional_dropout_rate", "encoder.attention_dropout_rate",
+        "encoder.ffn.dropout_rate", "decoder.dropout_rate", "decoder.positional_dropout_rate",
+        "decoder.self_attention_dropout_rate", "decoder.src_attention_dropout_rate", "decoder.ffn.dropout_rate")]
+    extra = [*no_dropout, "train.max_steps=3", "train.save_interval=3", "train.expert_parallel_size=1"]
+    losses = {}
+    for compiled in (False, True):
+        exp = tmp_path / f"compile_{compiled}"
+        run(train_command(corpus, exp, nproc=1, ds_config="zero0_bf16", preset="tiny_dense",
+                          extra=[*extra, f"train.compile={str(compiled).lower()}"]),
+            timeout=600, log=tmp_path / f"compile_{compiled}.log")
+        losses[compiled] = train_losses(exp)
+    assert sorted(losses[True]) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert losses[True][step]["loss"] == pytest.approx(losses[False][step]["loss"], rel=1e-3), step
+    export_model(tmp_path / "compile_True", tmp_path / "model.pt")
+    load_model_file(tmp_path / "model.pt")

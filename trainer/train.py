@@ -94,6 +94,9 @@ class Trainer:
         # On the device before the optimizer is built: torch's fused AdamW (one kernel for all
         # parameters) needs device parameters; ZeRO replaces them with its own flat partitions.
         model.to(info.device)
+        if cfg.train.compile:
+            for layer in [*model.encoder.encoders, *model.decoder.layers()]:
+                layer.compile(dynamic=True)  # in place: parameter names, checkpoints unchanged
         optimizer = build_optimizer(model, cfg.optim)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=warmup_lr(optimizer, cfg.optim.warmup_steps),
