@@ -5,8 +5,10 @@ import torch
 
 
 def make_pad_mask(lengths: torch.Tensor, max_len: int = 0) -> torch.Tensor:
-    """[B, T] bool, True at padded positions."""
-    max_len = max(max_len, int(lengths.max().item()) if lengths.numel() else 0)
+    """[B, T] bool, True at padded positions; T is max_len when given (the padded length, which
+    no length exceeds: no device read then), else the longest length."""
+    if max_len <= 0:
+        max_len = int(lengths.max().item()) if lengths.numel() else 0
     steps = torch.arange(max_len, device=lengths.device)
     return steps.unsqueeze(0) >= lengths.unsqueeze(1)
 

@@ -19,6 +19,15 @@ def test_pad_mask():
     mask = make_pad_mask(torch.tensor([3, 1, 0]), 4)
     expected = torch.tensor([[0, 0, 0, 1], [0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
     assert torch.equal(mask, expected)
+    assert torch.equal(make_pad_mask(torch.tensor([3, 1, 0])), expected[:, :3])  # T = the longest
+    if torch.cuda.is_available():  # with the padded length given, no device read
+        lengths = torch.tensor([3, 1, 0], device="cuda")
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            on_gpu = make_pad_mask(lengths, 4)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.equal(on_gpu.cpu(), expected)
 
 
 def test_subsequent_mask():
