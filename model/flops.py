@@ -52,9 +52,9 @@ def encoder_flops(cfg: ModelConfig, frames: int) -> int:
     return flops + enc.num_blocks * block
 
 
-def decoder_flops(cfg: ModelConfig, frames: int, tokens: int) -> int:
-    """Both decoders on `tokens` + 1 inputs (<sos> first) over the subsampled encoder output."""
-    dec, d, t, n = cfg.decoder, cfg.encoder.output_size, subsampled_frames(cfg, frames), tokens + 1
+def decoder_flops(cfg: ModelConfig, t: int, tokens: int) -> int:
+    """Both decoders on `tokens` + 1 inputs (<sos> first) over `t` subsampled encoder frames."""
+    dec, d, n = cfg.decoder, cfg.encoder.output_size, tokens + 1
     layer = 4 * _linear(d, d, n) + 2 * 2 * n * n * d  # self-attention
     layer += 2 * _linear(d, d, n) + 2 * _linear(d, d, t) + 2 * 2 * n * t * d  # attention over the encoder
     layer += _feed_forward(d, dec.ffn, n)
@@ -65,7 +65,7 @@ def decoder_flops(cfg: ModelConfig, frames: int, tokens: int) -> int:
 def forward_flops(cfg: ModelConfig, frames: int, tokens: int) -> int:
     t = subsampled_frames(cfg, frames)
     return encoder_flops(cfg, frames) + _linear(cfg.encoder.output_size, cfg.vocab_size, t) \
-        + decoder_flops(cfg, frames, tokens)
+        + decoder_flops(cfg, t, tokens)
 
 
 def training_flops(cfg: ModelConfig, frames: list[int], tokens: list[int]) -> int:

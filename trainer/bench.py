@@ -79,13 +79,14 @@ def measure_steps(trainer: Any, batches: list[dict[str, Any]], steps: int) -> di
         _sync(device)
         times.append(time.perf_counter() - t0)
         audio += sum(batch["durations"])
-        flops += trainer._batch_flops(batch)
+        flops += trainer.batch_flops(batch)
     elapsed = time.perf_counter() - started
     tflops = flops / elapsed / 1e12
     mfu = {"step_mfu": tflops / trainer.peak_tflops} if trainer.peak_tflops else {}
-    frames = sum(int(b["feats_lengths"].sum()) if "feats_lengths" in b else 0 for b in batches)
+    frames = sum(sum(trainer.batch_frames(b)) for b in batches)
     return {"step_ms_median": 1000 * statistics.median(times), "step_audio_s_per_s": audio / elapsed,
-            "step_tflops": tflops, **mfu, "steps": steps, "batch_audio_s_mean": sum(sum(b["durations"]) for b in batches) / len(batches),
+            "step_tflops": tflops, **mfu, "steps": steps,
+            "batch_audio_s_mean": sum(sum(b["durations"]) for b in batches) / len(batches),
             "batch_frames_mean": frames / len(batches)}
 
 

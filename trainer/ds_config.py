@@ -50,13 +50,13 @@ def load_ds_config(path: str | Path, train: TrainConfig, world_size: int) -> dic
         autocast_dtype(cfg)
     except KeyError as err:
         raise DeepSpeedConfigError(f"{path}: torch_autocast.dtype {err} is not bfloat16 or float16") from None
+    if stage == 0 and precision(cfg) != "fp32":
+        raise DeepSpeedConfigError(f"{path}: without ZeRO (stage 0) the weights stay fp32: use "
+                                   '"torch_autocast": {"enabled": true, "dtype": "bfloat16"} instead of fp16/bf16')
     # One dynamic batch is one DeepSpeed micro-batch.
     cfg["train_micro_batch_size_per_gpu"] = 1
     cfg["gradient_accumulation_steps"] = train.accum_grad
     cfg["train_batch_size"] = train.accum_grad * world_size
-    if stage == 0 and any(cfg.get(k, {}).get("enabled") for k in ("fp16", "bf16")):
-        raise DeepSpeedConfigError(f"{path}: without ZeRO (stage 0) the weights stay fp32: use "
-                                   '"torch_autocast": {"enabled": true, "dtype": "bfloat16"} instead of fp16/bf16')
     # Without ZeRO the trainer clips (trainer/clipping.py: DeepSpeed's stage-0 norm is wrong
     # under expert parallelism); with ZeRO, DeepSpeed does.
     cfg["gradient_clipping"] = train.grad_clip if stage else 0.0

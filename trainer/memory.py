@@ -59,8 +59,7 @@ def model_states(shared: int, experts: int, gpus: int, ep: int, zero: int,
     return ModelStates(weights=2 * local, gradients=grads + 4 * partition, optimizer=12 * partition)
 
 
-def measure_activations(cfg: ModelConfig, input_frames: int, checkpointing: bool = False) -> int:
-    """Bytes saved for backward by one training forward of a one-utterance batch (CPU, bf16)."""
+def _measurement_model(cfg: ModelConfig, checkpointing: bool) -> torch.nn.Module:
     from dataclasses import replace
 
     from u2moe.model import U2Model
@@ -69,7 +68,10 @@ def measure_activations(cfg: ModelConfig, input_frames: int, checkpointing: bool
     dec = replace(cfg.decoder, gradient_checkpointing=checkpointing)
     # bf16 weights, as DeepSpeed's bf16 engine holds them (autocast would add weight copies,
     # which are per step, not per utterance).
-    model = U2Model(replace(cfg, encoder=enc, decoder=dec)).to(torch.bfloat16).train()
+    return U2Model(replace(cfg, encoder=enc, decoder=dec)).to(torch.bfloat16).train()
+
+
+def _saved_bytes(model: torch.nn.Module, cfg: ModelConfig, input_frames: int) -> int:
     tokens = max(2, input_frames // 40)  # about 2.5 tokens a second, BPE-like
     feats = torch.randn(1, input_frames, cfg.encoder.input_size, dtype=torch.bfloat16)
     target = torch.randint(1, cfg.vocab_size - 1, (1, tokens))
@@ -87,11 +89,18 @@ def measure_activations(cfg: ModelConfig, input_frames: int, checkpointing: bool
     return sum(n for ptr, n in saved.items() if ptr not in params)
 
 
+def measure_activations(cfg: ModelConfig, input_frames: int, checkpointing: bool = False) -> int:
+    """Bytes saved for backward by one training forward of a one-utterance batch (CPU, bf16)."""
+    return _saved_bytes(_measurement_model(cfg, checkpointing), cfg, input_frames)
+
+
 def fit_activations(cfg: ModelConfig, lengths: tuple[int, int, int] = (300, 600, 1200),
                     checkpointing: bool = False) -> tuple[float, float, float]:
-    """(a, b, c) of bytes(T) = a + b T + c T^2, T in input frames, through three measurements."""
+    """(a, b, c) of bytes(T) = a + b T + c T^2, T in input frames, through three measurements
+    on one model (building a 1B model is much of the cost)."""
+    model = _measurement_model(cfg, checkpointing)
     xs = [float(t) for t in lengths]
-    ys = [float(measure_activations(cfg, t, checkpointing)) for t in lengths]
+    ys = [float(_saved_bytes(model, cfg, t)) for t in lengths]
     coeffs = torch.linalg.solve(torch.tensor([[1.0, x, x * x] for x in xs], dtype=torch.float64),
                                 torch.tensor(ys, dtype=torch.float64))
     return tuple(float(c) for c in coeffs)  # type: ignore[return-value]

@@ -165,17 +165,20 @@ class Trainer:
         ALL_TO_ALL_TIMER.enabled = True
         return ALL_TO_ALL_TIMER.take
 
-    def _batch_flops(self, batch: dict[str, Any]) -> int:
-        """Model FLOPs of a training step on this batch, from its host-side lengths (no device read)."""
+    def batch_frames(self, batch: dict[str, Any]) -> list[int]:
+        """Fbank frames of each utterance, from the batch's host-side lengths (no device read)."""
         from u2moe.data_prep.features import num_frames
-        from u2moe.model.flops import training_flops
 
         if "feats_lengths" in batch:
-            frames = batch["feats_lengths"].tolist()
-        else:  # features are made on the device from the waveforms
-            data = self.cfg.data
-            frames = [num_frames(n, data.fbank, data.sample_rate) for n in batch["wav_lengths"].tolist()]
-        return training_flops(self.cfg.model, frames, batch["target_lengths"].tolist())
+            return batch["feats_lengths"].tolist()
+        data = self.cfg.data  # features are made on the device from the waveforms
+        return [num_frames(n, data.fbank, data.sample_rate) for n in batch["wav_lengths"].tolist()]
+
+    def batch_flops(self, batch: dict[str, Any]) -> int:
+        """Model FLOPs of a training step on this batch."""
+        from u2moe.model.flops import training_flops
+
+        return training_flops(self.cfg.model, self.batch_frames(batch), batch["target_lengths"].tolist())
 
     def _client_state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "config": to_dict(self.cfg)}
@@ -235,7 +238,7 @@ class Trainer:
                     break
                 out, boundary = self.train_step(batch)
                 self.batches_in_epoch += 1
-                meter.add(sum(batch["durations"]), out, waited, self._batch_flops(batch))
+                meter.add(sum(batch["durations"]), out, waited, self.batch_flops(batch))
                 load = self._expert_load()
                 if load is not None:
                     load_sum = load if load_sum is None else load_sum + load
@@ -283,13 +286,13 @@ class Trainer:
                 for (name, _), row in zip(self.model.moe_layers(), fractions.tolist()):
                     self.reporter.scalars(f"expert_load/{name}", {f"e{i}": f for i, f in enumerate(row)}, step)
         losses = " ".join(f"{k} {v:.3f}" for k, v in stats.items() if k.startswith("loss"))
-        mfu = f"mfu {100 * stats['mfu']:.1f}% " if "mfu" in stats else ""
+        optional = f"mfu {100 * stats['mfu']:.1f}% " if "mfu" in stats else ""
         if "all_to_all_share" in stats:
-            mfu += f"all_to_all {100 * stats['all_to_all_share']:.0f}% "
+            optional += f"all_to_all {100 * stats['all_to_all_share']:.0f}% "
         self.reporter.line(
             f"epoch {self.epoch} step {step} {losses} lr {stats['lr']:.2e} grad_norm {stats['grad_norm']:.3f} "
             f"frames/s {stats['frames_per_s']:.0f} audio_s/s {stats['audio_s_per_s']:.1f} "
-            f"data_wait {100 * stats['data_wait_frac']:.0f}% TFLOP/s/GPU {stats['tflops_per_gpu']:.2f} {mfu}"
+            f"data_wait {100 * stats['data_wait_frac']:.0f}% TFLOP/s/GPU {stats['tflops_per_gpu']:.2f} {optional}"
             f"mem {stats['gpu_mem_gb']:.1f}GB")
         self.reporter.scalars("train", stats, step)
 
