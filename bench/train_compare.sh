@@ -5,11 +5,12 @@
 #   bench/train_compare.sh DATA OUT MAX_STEPS PRESET [PRESET ...]
 # DATA holds {train,dev,test}/shards.list, units/, cmvn.json (u2moe prep ...). Extra trainer
 # overrides come from $TRAIN_SET (space-separated key=value); $MAX_MINUTES adds a training-time
-# budget per preset (evaluation excluded); $GPUS > 1 trains with that many processes; $TRAIN_ARGS
-# are more `u2moe train` arguments (e.g. "--max-gpu-memory-gb 24"). Test-set decoding: $DECODE_MODES
-# (default ctc_greedy,attention_rescoring) at each chunk size of $DECODE_CHUNKS (default -1: full
-# context; "none": no decoding, e.g. for throughput runs).
-# Per preset: OUT/PRESET/ (metrics.jsonl, model.pt, decode_chunkN/), OUT/PRESET.*.log,
+# budget per preset (evaluation and checkpoints excluded); $GPUS > 1 trains with that many
+# processes; $TRAIN_ARGS are more `u2moe train` arguments (e.g. "--max-gpu-memory-gb 24").
+# Decoding: $DECODE_MODES (default ctc_greedy,attention_rescoring) at each chunk size of
+# $DECODE_CHUNKS (default -1: full context; "none": no decoding, e.g. for throughput runs), for
+# each set of $DECODE_SETS (default test; e.g. "dev test").
+# Per preset: OUT/PRESET/ (metrics.jsonl, model.pt, decode_SET_chunkN/), OUT/PRESET.*.log,
 # OUT/PRESET.metrics.jsonl (bench/plot_dev_loss.py plots them), and a
 # summary of throughput and error rates in OUT/summary.txt.
 set -euo pipefail
@@ -20,10 +21,13 @@ ds_default=$repo/ds_configs/zero0_bf16.json
 [ "${GPUS:-1}" -gt 1 ] && ds_default=$repo/ds_configs/zero2_bf16.json
 ds=$(realpath "${DS_CONFIG:-$ds_default}")
 device=$(python3 -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
-# $GPUS > 1: one process per GPU through the deepspeed launcher.
+# $GPUS > 1: one process per GPU through the deepspeed launcher (on the cards of
+# $CUDA_VISIBLE_DEVICES where set, so that several runs can share a machine).
 launcher=(python3 -m u2moe)
 if [ "${GPUS:-1}" -gt 1 ]; then
-  launcher=(python3 -m deepspeed.launcher.runner --num_gpus "$GPUS" --master_port "${MASTER_PORT:-29500}" --no_local_rank --module u2moe)
+  # Under CUDA_VISIBLE_DEVICES the launcher takes those cards, and only without --num_gpus.
+  gpus=(--num_gpus "$GPUS"); [ -n "${CUDA_VISIBLE_DEVICES:-}" ] && gpus=()
+  launcher=(python3 -m deepspeed.launcher.runner "${gpus[@]}" --master_port "${MASTER_PORT:-29500}" --no_local_rank --module u2moe)
 fi
 mkdir -p "$out"
 cd /tmp
@@ -39,15 +43,17 @@ for preset in "$@"; do
     --max-steps "$steps" --set model.vocab_size="$vocab" "${sets[@]}" 2>&1 | grep -v "INFO\] \[" | tee "$exp.train.log"
   echo "$preset train wall $(( $(date +%s) - start )) s" | tee -a "$out/summary.txt"
   cp "$exp/metrics.jsonl" "$out/$preset.metrics.jsonl"  # for bench/plot_dev_loss.py, beside the logs
-  python3 -m u2moe export --exp-dir "$exp" --out "$exp/model.pt"
   grep -h "audio_s/s" "$exp.train.log" | tail -n 3 >> "$out/summary.txt"
   [ "${DECODE_CHUNKS:-}" = none ] && continue
-  for chunk in ${DECODE_CHUNKS:--1}; do
-    python3 -m u2moe decode --model "$exp/model.pt" --shards "$data/test/shards.list" --device "$device" \
-      --modes "${DECODE_MODES:-ctc_greedy,attention_rescoring}" --chunk-size "$chunk" \
-      --out "$exp/decode_chunk$chunk" 2>&1 | tee "$exp.decode$chunk.log" | tail -n 4
-    echo "$preset test, chunk $chunk:" >> "$out/summary.txt"
-    grep -E "CER|utterances" "$exp.decode$chunk.log" >> "$out/summary.txt"
+  python3 -m u2moe export --exp-dir "$exp" --out "$exp/model.pt"
+  for set in ${DECODE_SETS:-test}; do
+    for chunk in ${DECODE_CHUNKS:--1}; do
+      python3 -m u2moe decode --model "$exp/model.pt" --shards "$data/$set/shards.list" --device "$device" \
+        --modes "${DECODE_MODES:-ctc_greedy,attention_rescoring}" --chunk-size "$chunk" --batch-size 32 \
+        --out "$exp/decode_${set}_chunk$chunk" 2>&1 | tee "$exp.decode_${set}_chunk$chunk.log" | tail -n 4
+      echo "$preset $set, chunk $chunk:" >> "$out/summary.txt"
+      grep -E "CER|utterances" "$exp.decode_${set}_chunk$chunk.log" >> "$out/summary.txt"
+    done
   done
 done
 cat "$out/summary.txt"

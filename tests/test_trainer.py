@@ -5,6 +5,7 @@ import json
 import math
 import os
 import subprocess
+import time
 
 import pytest
 import soundfile as sf
@@ -154,10 +155,13 @@ def _logged_steps(exp_dir):
 def test_uneven_shards_end_the_epoch_on_every_rank(tmp_path):
     # 5 shards over 2 ranks: one rank reads 3 (36 utterances), the other 2 (one of them small).
     data = prepare_corpus(tmp_path / "uneven", train_utts=52, utts_per_shard=12)
-    run(train_command(data, tmp_path / "exp", nproc=2, extra=["train.max_epochs=2", "train.save_interval=0"]),
+    # Without epoch checkpoints, only the end of training writes one.
+    run(train_command(data, tmp_path / "exp", nproc=2,
+                      extra=["train.max_epochs=2", "train.save_interval=0", "train.epoch_checkpoints=false"]),
         timeout=600, log=tmp_path / "uneven.log")
     log = (tmp_path / "uneven.log").read_text()
-    assert "dev step" in log
+    assert log.count("dev step") == 2  # both epochs ran to their end
+    assert len(list((tmp_path / "exp" / "checkpoints").glob("step_*"))) == 1
     records = train_losses(tmp_path / "exp")
     assert records and all(math.isfinite(r["loss"]) for r in records.values())
 
@@ -169,6 +173,27 @@ def test_an_epoch_without_a_step_stops_the_run(corpus, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr  # a user error: one line, no traceback
     assert f"epoch 0 ended before its first step: a rank read no training batch from {corpus['train']}" in proc.stderr
     assert "skipped" in proc.stderr and "too_many_tokens" in proc.stderr
+
+
+def test_run_summary_counts_every_trained_second_of_audio(corpus, tmp_path):
+    """The closing line of `u2moe train`: audio trained (2 epochs of the whole training set) per
+    second of training time, evaluation and checkpoints left out."""
+    from test_data_support import read_kaldi_table
+
+    exp = tmp_path / "exp"
+    started = time.monotonic()
+    run(train_command(corpus, exp, nproc=1, ds_config="zero0_bf16",
+                      extra=["train.max_epochs=2", "train.expert_parallel_size=1"]),
+        timeout=300, log=tmp_path / "train.log")
+    wall = time.monotonic() - started
+    root = corpus["train"].parents[1] / "corpus"
+    audio = sum(sf.info(str(root / rel)).duration for rel in read_kaldi_table(root / "train" / "wav.scp").values())
+    rows = [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines()]
+    summary = [r for r in rows if r["split"] == "run"]
+    assert len(summary) == 1 and summary[0]["audio_seconds"] == pytest.approx(2 * audio, abs=0.1)
+    assert 0 < summary[0]["training_seconds"] < wall
+    assert summary[0]["audio_s_per_s"] == pytest.approx(summary[0]["audio_seconds"] / summary[0]["training_seconds"])
+    assert "s of audio per second (evaluation and checkpoints excluded)" in (tmp_path / "train.log").read_text()
 
 
 def test_bench_train_reads_one_epoch_and_steps(corpus, tmp_path):

@@ -50,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exp-dir", required=True, help="run directory: config, checkpoints, TensorBoard")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--max-minutes", type=float, default=None,
-                   help="stop (and checkpoint) after this many minutes of training in this invocation, evaluation excluded")
+                   help="stop (and checkpoint) after this many minutes of training in this invocation, "
+                        "evaluation and checkpoints excluded")
     p.add_argument("--init-model", default=None, help="warm start from an exported model.pt")
     p.set_defaults(handler=_train)
 

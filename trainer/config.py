@@ -39,6 +39,9 @@ class TrainConfig:
     # Steps between dev evaluations and checkpoints (0: only at epoch end).
     eval_interval: int = 0
     save_interval: int = 0
+    # False: checkpoints only every save_interval steps and when training stops (a 1B model's
+    # checkpoint is ~16 GB: too much to write at every epoch end of a small corpus).
+    epoch_checkpoints: bool = True
     keep_checkpoints: int = 5
     # Dev batches to evaluate (0: the whole dev set).
     max_eval_batches: int = 0

@@ -25,20 +25,39 @@ class ThroughputMeter:
     """
 
     def __init__(self, device: torch.device, peak_tflops: float | None = None,
-                 comm_seconds: Callable[[], float] | None = None):
+                 comm_seconds: Callable[[], float] | None = None,
+                 paused_seconds: Callable[[], float] = lambda: 0.0):
         self.device = device
         self.peak_tflops = peak_tflops  # per GPU; MFU is reported when known
         # Seconds spent in expert all-to-alls since the last call (this rank), when timed.
         self.comm_seconds = comm_seconds
+        # The trainer's running total of seconds spent outside training (evaluation, checkpoint
+        # writing): left out of every rate, which would otherwise depend on the eval settings.
+        self.paused_seconds = paused_seconds
+        self.run_start, self.run_paused_start = time.perf_counter(), paused_seconds()
+        self.run_audio_seconds = 0.0  # this rank's, since construction
         self.reset()
 
     def reset(self) -> None:
         self.start = time.perf_counter()
+        self.paused_start = self.paused_seconds()
         self.audio_seconds = 0.0
         self.data_seconds = 0.0
         self.flops = 0
         self.batches = 0
         self.sums: dict[str, torch.Tensor] = {}
+
+    def _training_seconds(self, start: float, paused_start: float) -> float:
+        return max(time.perf_counter() - start - (self.paused_seconds() - paused_start), 1e-9)
+
+    def run_summary(self) -> dict[str, float]:
+        """Collective: audio seconds trained by all ranks since construction, the training time
+        (pauses excluded) and their ratio."""
+        audio = torch.tensor([self.run_audio_seconds], dtype=torch.float64, device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(audio)
+        seconds = self._training_seconds(self.run_start, self.run_paused_start)
+        return {"audio_seconds": audio.item(), "training_seconds": seconds, "audio_s_per_s": audio.item() / seconds}
 
     def add(self, audio_seconds: float, values: dict[str, torch.Tensor], data_seconds: float,
             flops: int = 0) -> None:
@@ -46,6 +65,7 @@ class ThroughputMeter:
         loop waited for this batch (a data-bound run shows it); flops: its model FLOPs
         (model/flops.py), counted on the host."""
         self.audio_seconds += audio_seconds
+        self.run_audio_seconds += audio_seconds
         self.data_seconds += data_seconds
         self.flops += flops
         self.batches += 1
@@ -55,14 +75,14 @@ class ThroughputMeter:
 
     def report(self) -> dict[str, float]:
         """Collective: every rank must call it at the same step. Frames and audio are totals
-        per second; everything else is a mean per micro-batch."""
+        per second of training (pauses excluded); everything else is a mean per micro-batch."""
         names = sorted(self.sums)
         host = torch.tensor([self.audio_seconds, self.batches, self.flops], dtype=torch.float64)
         local = torch.cat([host.to(self.device)] + [self.sums[n].to(self.device).reshape(1) for n in names])
         world = dist.get_world_size() if dist.is_initialized() else 1
         if world > 1:
             dist.all_reduce(local)
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        elapsed = self._training_seconds(self.start, self.paused_start)
         audio, batches, flops, *sums = local.tolist()
         # Rank 0's own wait: the slowest reader shows as every rank waiting in the next collective.
         out = {"audio_s_per_s": audio / elapsed, "data_wait_frac": self.data_seconds / elapsed,
@@ -113,7 +133,9 @@ class Reporter:
             self.writer.close()
 
 
-def gpu_memory_gb(device: torch.device) -> float:
+def gpu_memory_gb(device: torch.device) -> tuple[float, float]:
+    """Peak GiB allocated by tensors, and reserved by the caching allocator (what a memory cap
+    and the card's size bound)."""
     if device.type != "cuda":
-        return 0.0
-    return torch.cuda.max_memory_allocated(device) / 2**30
+        return 0.0, 0.0
+    return torch.cuda.max_memory_allocated(device) / 2**30, torch.cuda.max_memory_reserved(device) / 2**30

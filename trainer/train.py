@@ -111,7 +111,9 @@ class Trainer:
         self.epoch = 0
         self.batches_in_epoch = 0
         self.last_saved_step = -1
-        self.eval_seconds = 0.0  # spent in evaluate(): not counted against --max-minutes
+        # Spent in evaluate() and save(): not counted against --max-minutes, so that runs with
+        # different eval and checkpoint settings (or checkpoint sizes) compare at equal training time.
+        self.paused_seconds = 0.0
 
     # ----------------------------------------------------------------------------------- set-up
     def _warm_start(self, model: torch.nn.Module, path: str) -> None:
@@ -193,8 +195,10 @@ class Trainer:
                                f"diverged; not checkpointing. Resume from the last checkpoint in {self.ckpt_root} "
                                "with a lower optim.lr")
         self.last_saved_step = self.engine.global_steps
+        started = time.monotonic()
         save_checkpoint(self.engine, self.ckpt_root, self.engine.global_steps, self._client_state(),
                         self.cfg.train.expert_parallel_size, self.cfg.train.keep_checkpoints)
+        self.paused_seconds += time.monotonic() - started
         self.reporter.line(f"checkpoint {self.ckpt_root} step {self.engine.global_steps}")
 
     def resume(self) -> None:
@@ -215,12 +219,13 @@ class Trainer:
         t = self.cfg.train
         loader = self._loader(self.paths.train_shards, train=True)
         dev_loader = self._loader(self.paths.dev_shards, train=False)
-        meter = ThroughputMeter(self.info.device, self.peak_tflops, self._all_to_all_seconds())
+        dev_loader.prefetch(0)  # every evaluation reads the dev set from its start (epoch 0)
+        meter = ThroughputMeter(self.info.device, self.peak_tflops, self._all_to_all_seconds(),
+                                lambda: self.paused_seconds)
         load_sum: torch.Tensor | None = None
         done = bool(t.max_steps) and self.engine.global_steps >= t.max_steps
-        # A training-time budget for this invocation, evaluation excluded (so that runs with
-        # different eval settings compare at equal training time): rank 0's clock decides (one
-        # tiny all-reduce per step), so every rank stops after the same step.
+        # A training-time budget for this invocation, evaluation and checkpoints excluded: rank
+        # 0's clock decides (one tiny all-reduce per step), so every rank stops after the same step.
         deadline = time.monotonic() + 60 * self.max_minutes if self.max_minutes else None
         while self.epoch < t.max_epochs and not done:
             loader.set_epoch(self.epoch)
@@ -256,9 +261,10 @@ class Trainer:
                 if t.max_steps and step >= t.max_steps:
                     done = True
                     break
-                over = deadline is not None and time.monotonic() - self.eval_seconds >= deadline
+                over = deadline is not None and time.monotonic() - self.paused_seconds >= deadline
                 if deadline is not None and any_rank(self.info.is_main and over, self.info.device):
-                    self.reporter.line(f"stopping at step {step}: --max-minutes {self.max_minutes:g} reached")
+                    self.reporter.line(f"stopping at step {step}: --max-minutes {self.max_minutes:g} reached "
+                                       f"({self.paused_seconds:.1f} s of evaluation and checkpoints excluded)")
                     done = True
                     break
             if self.batches_in_epoch == 0:
@@ -268,7 +274,13 @@ class Trainer:
                 self.epoch += 1
                 self.batches_in_epoch = 0
                 self.evaluate(dev_loader, self.engine.global_steps)
-            self.save()
+            if done or t.epoch_checkpoints or self.epoch >= t.max_epochs:
+                self.save()
+        run = meter.run_summary()
+        self.reporter.line(f"trained {run['audio_seconds']:.0f} s of audio in {run['training_seconds']:.1f} s of "
+                           f"training time: {run['audio_s_per_s']:.1f} s of audio per second (evaluation and "
+                           "checkpoints excluded)")
+        self.reporter.scalars("run", run, self.engine.global_steps)
         self.reporter.close()
 
     def _log(self, step: int, meter: ThroughputMeter, load_sum: torch.Tensor | None) -> None:
@@ -276,7 +288,7 @@ class Trainer:
         stats["lr"] = self.scheduler.get_last_lr()[0]
         grad_norm = self.grad_norm if self.clipper is not None else self.engine.get_global_grad_norm()
         stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        stats["gpu_mem_gb"] = gpu_memory_gb(self.info.device)
+        stats["gpu_mem_gb"], stats["gpu_mem_reserved_gb"] = gpu_memory_gb(self.info.device)
         if load_sum is not None:
             if dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(load_sum)
@@ -293,7 +305,7 @@ class Trainer:
             f"epoch {self.epoch} step {step} {losses} lr {stats['lr']:.2e} grad_norm {stats['grad_norm']:.3f} "
             f"frames/s {stats['frames_per_s']:.0f} audio_s/s {stats['audio_s_per_s']:.1f} "
             f"data_wait {100 * stats['data_wait_frac']:.0f}% TFLOP/s/GPU {stats['tflops_per_gpu']:.2f} {optional}"
-            f"mem {stats['gpu_mem_gb']:.1f}GB")
+            f"mem {stats['gpu_mem_gb']:.1f}/{stats['gpu_mem_reserved_gb']:.1f}GB")
         self.reporter.scalars("train", stats, step)
 
     def evaluate(self, dev_loader: Any, step: int) -> dict[str, float]:
@@ -355,7 +367,10 @@ class Trainer:
         self.reporter.line(f"dev step {step} utts {int(total[0])} " +
                            " ".join(f"{k} {v:.3f}" for k, v in result.items()))
         self.reporter.scalars("dev", result, step)
-        self.eval_seconds += time.monotonic() - started
+        # The next evaluation's workers open the shards and fill their sort buffers during the
+        # training in between: a cold start cost about 2 s per evaluation on a GPU machine.
+        dev_loader.prefetch(0)
+        self.paused_seconds += time.monotonic() - started
         return result
 
     def _placeholder_batch(self) -> dict[str, Any]:
