@@ -196,8 +196,54 @@ def test_run_summary_counts_every_trained_second_of_audio(corpus, tmp_path):
     assert "s of audio per second (evaluation and checkpoints excluded)" in (tmp_path / "train.log").read_text()
 
 
+@pytest.mark.parametrize("waves", [True, False])
+def test_stitched_batches_join_utterances_in_order(waves):
+    """`u2moe bench train --utt-seconds`: utterances joined in order, audio and transcripts, into
+    ones of at least the asked length, batched within the frame budget."""
+    from u2moe.data_prep.batching import collate
+    from u2moe.data_prep.config import BatchConfig, DataConfig
+    from u2moe.data_prep.features import num_frames
+    from u2moe.data_prep.sample_processor import Sample
+    from u2moe.trainer.bench import stitch_batches
+
+    data = DataConfig(batch=BatchConfig(type="dynamic", max_frames_in_batch=4000))
+    gen = torch.Generator().manual_seed(0)
+    originals = []
+    for i in range(40):
+        seconds = 1.0 + (i % 5) * 0.5
+        audio = torch.randn(int(seconds * 16000) if waves else int(seconds * 100), *(() if waves else (80,)),
+                            generator=gen)
+        frames = num_frames(len(audio), data.fbank, data.sample_rate) if waves else len(audio)
+        originals.append(Sample(f"u{i}", frames, seconds, [i % 7 + 1] * (i % 3 + 1),
+                                wave=audio if waves else None, feats=None if waves else audio))
+    batches = [collate(originals[i:i + 6]) for i in range(0, 40, 6)]  # collate sorts each batch by length
+    in_order = [u for i in range(0, 40, 6) for u in sorted(originals[i:i + 6], key=lambda s: -s.num_frames)]
+    stitched = stitch_batches(batches, 6.0, data)
+
+    by_key = {u.key: u for u in in_order}
+    order = [u.key for u in in_order]
+    seen = []
+    for batch in stitched:
+        audio, lengths = (batch["wavs"], batch["wav_lengths"]) if waves else (batch["feats"], batch["feats_lengths"])
+        frames = [num_frames(int(n), data.fbank, data.sample_rate) for n in lengths] if waves else lengths.tolist()
+        assert max(frames) * len(frames) <= 4000
+        for i, key in enumerate(batch["keys"]):
+            parts = [by_key[k] for k in key.split("+")]
+            first = order.index(parts[0].key)
+            assert [p.key for p in parts] == order[first:first + len(parts)]  # neighbours, in order
+            seen += [p.key for p in parts]
+            assert batch["durations"][i] == pytest.approx(sum(p.duration for p in parts))
+            assert batch["durations"][i] >= 6.0
+            assert sum(p.duration for p in parts[:-1]) < 6.0  # joined no further than needed
+            source = torch.cat([p.wave if waves else p.feats for p in parts])
+            assert torch.equal(audio[i, :lengths[i]], source)
+            assert batch["target"][i, :batch["target_lengths"][i]].tolist() == [t for p in parts for t in p.target]
+    assert sorted(seen, key=order.index) == order[:len(seen)] and len(seen) > 30  # consecutive, from the start
+
+
 def test_bench_train_reads_one_epoch_and_steps(corpus, tmp_path):
-    """`u2moe bench train`: the loader pass covers the whole training set, the steps run."""
+    """`u2moe bench train`: the loader pass covers the whole training set, the steps run (here on
+    utterances joined to 3 s)."""
     from test_data_support import read_kaldi_table
 
     cmd = train_command(corpus, tmp_path / "unused", nproc=1)
@@ -208,12 +254,13 @@ def test_bench_train_reads_one_epoch_and_steps(corpus, tmp_path):
     out = tmp_path / "bench.json"
     # A process of its own: the bench sets up torch.distributed, as `u2moe train` does.
     run([*cmd[:cmd.index("train")], "bench", "train", *config_args, "--loader-batches", "1000", "--steps", "2",
-         "--profile", "1", "--json", str(out)], timeout=300, log=tmp_path / "bench.log")
+         "--profile", "1", "--utt-seconds", "3", "--json", str(out)], timeout=300, log=tmp_path / "bench.log")
     result = json.loads(out.read_text())
     root = corpus["train"].parents[1] / "corpus"
     audio = [sf.info(str(root / rel)).duration for rel in read_kaldi_table(root / "train" / "wav.scp").values()]
     assert result["loader_audio_seconds"] == pytest.approx(sum(audio), abs=0.05)
     assert result["steps"] == 2 and result["step_audio_s_per_s"] > 0 and result["aten_ops_per_step"] > 0
+    assert result["utt_seconds_mean"] >= 3 and result["batch_audio_s_mean"] >= 3  # steps on joined utterances
 
 
 def test_zero0_autocast_resumes_exactly_and_keeps_fp32_weights(corpus, tmp_path):

@@ -5,7 +5,8 @@ then measures, on one process:
 - the input pipeline alone: one pass over the training shards with the configured workers
   (seconds of audio per second, and the wait for the first batch, which every epoch pays);
 - the training step alone: `Trainer.train_step` on batches read once and kept in memory, so no
-  data wait (seconds of audio per second, milliseconds per step);
+  data wait (seconds of audio per second, milliseconds per step); with `--utt-seconds`, on
+  those utterances joined into longer ones (a long-utterance corpus's step, from a short one);
 - host synchronisations per step (CUDA's sync debug mode; each names the line that caused it);
 - with `--profile`, torch.profiler over a few steps: the share of wall time the GPU is busy, and
   the operators that take the most host and device time.
@@ -22,10 +23,14 @@ import tempfile
 import time
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from u2moe.data_prep.config import DataConfig
 
 logger = logging.getLogger("u2moe.bench.train")
 
@@ -62,6 +67,42 @@ def measure_loader(trainer: Any, max_batches: int) -> tuple[dict[str, float], li
     return {"loader_audio_s_per_s": audio / elapsed, "loader_audio_seconds": audio,
             "loader_first_batch_s": first or 0.0, "loader_prefetched_first_batch_s": waited,
             "loader_batches": count, "loader_seconds": elapsed}, kept
+
+
+def _utterances(batch: dict[str, Any]) -> Iterator[tuple[str, float, list[int], torch.Tensor]]:
+    """(key, duration, target, waveform or features) of each utterance of a collated batch, unpadded."""
+    audio, lengths = ((batch["wavs"], batch["wav_lengths"]) if "wavs" in batch
+                      else (batch["feats"], batch["feats_lengths"]))
+    for i, key in enumerate(batch["keys"]):
+        target = batch["target"][i, :batch["target_lengths"][i]].tolist()
+        yield key, batch["durations"][i], target, audio[i, :lengths[i]]
+
+
+def stitch_batches(batches: list[dict[str, Any]], utt_seconds: float, data: DataConfig) -> list[dict[str, Any]]:
+    """The batches' utterances joined in order (audio or features, and transcripts) into
+    utterances of at least `utt_seconds`, batched again within the frame budget: the step of a
+    long-utterance corpus (LibriSpeech averages 12 s) measured with a short-utterance one. A
+    joined utterance longer than the budget is left out; the tail shorter than `utt_seconds` too."""
+    from u2moe.data_prep.batching import collate, dynamic_batches
+    from u2moe.data_prep.features import num_frames
+    from u2moe.data_prep.sample_processor import Sample
+
+    budget = data.batch.max_frames_in_batch
+    joined: list[Sample] = []
+    parts: list[tuple[str, float, list[int], torch.Tensor]] = []
+    for utterance in (u for batch in batches for u in _utterances(batch)):
+        parts.append(utterance)
+        duration = sum(p[1] for p in parts)
+        if duration < utt_seconds:
+            continue
+        audio = torch.cat([p[3] for p in parts])
+        waves = "wavs" in batches[0]
+        length = num_frames(len(audio), data.fbank, data.sample_rate) if waves else len(audio)
+        if length <= budget:
+            joined.append(Sample("+".join(p[0] for p in parts), length, duration, [t for p in parts for t in p[2]],
+                                 feats=None if waves else audio, wave=audio if waves else None))
+        parts = []
+    return [collate(b) for b in dynamic_batches(joined, budget)]
 
 
 def measure_steps(trainer: Any, batches: list[dict[str, Any]], steps: int) -> dict[str, float]:
@@ -153,6 +194,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         loader, batches = measure_loader(trainer, args.loader_batches)
         result.update(loader)
         logger.info("loader: %s", json.dumps(loader))
+        if args.utt_seconds:
+            batches = stitch_batches(batches, args.utt_seconds, cfg.data)
+            if not batches:
+                raise SystemExit(f"--utt-seconds {args.utt_seconds}: no joined utterance fits "
+                                 f"data.batch.max_frames_in_batch={cfg.data.batch.max_frames_in_batch}")
+            result["utt_seconds_mean"] = statistics.mean(d for b in batches for d in b["durations"])
         result.update(measure_steps(trainer, batches, args.steps))
         result["syncs_per_step"] = count_syncs(trainer, batches[0])
         if args.profile:
@@ -172,6 +219,9 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loader-batches", type=int, default=200, help="batches read in the loader measurement")
     p.add_argument("--steps", type=int, default=50, help="training steps timed on in-memory batches")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS", help="also profile this many steps")
+    p.add_argument("--utt-seconds", type=float, default=None,
+                   help="time the steps on the loader's utterances joined into ones of at least this length "
+                        "(e.g. 12, LibriSpeech's mean), batched within the same frame budget")
     p.add_argument("--json", default=None, help="also write the figures here (and the trace next to it)")
     p.set_defaults(handler=_handler)
 
