@@ -44,6 +44,7 @@ for preset in "$@"; do
   echo "$preset train wall $(( $(date +%s) - start )) s" | tee -a "$out/summary.txt"
   cp "$exp/metrics.jsonl" "$out/$preset.metrics.jsonl"  # for bench/plot_dev_loss.py, beside the logs
   grep -h "audio_s/s" "$exp.train.log" | tail -n 3 >> "$out/summary.txt"
+  grep -h "s of audio in" "$exp.train.log" >> "$out/summary.txt" || true  # the run's exact rate
   [ "${DECODE_CHUNKS:-}" = none ] && continue
   python3 -m u2moe export --exp-dir "$exp" --out "$exp/model.pt"
   for set in ${DECODE_SETS:-test}; do
