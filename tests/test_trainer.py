@@ -5,12 +5,15 @@ import json
 import math
 import os
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import soundfile as sf
 import torch
 
+from spawn_helpers import free_port
 from trainer_helpers import (kill_all, prepare_corpus, run, start, train_command, train_losses,
                              wait_for)
 from u2moe.trainer.config import TrainConfig
@@ -164,6 +167,51 @@ def test_uneven_shards_end_the_epoch_on_every_rank(tmp_path):
     assert len(list((tmp_path / "exp" / "checkpoints").glob("step_*"))) == 1
     records = train_losses(tmp_path / "exp")
     assert records and all(math.isfinite(r["loss"]) for r in records.values())
+
+
+@pytest.mark.slow
+def test_eight_ranks_with_expert_parallelism_8_through_the_launcher_script(tmp_path):
+    """Issue 9's run at toy scale on CPU: launch/train.sh, 8 processes, one expert each, ZeRO-2.
+    The exported model.pt, in one process with all 8 experts, gives the dev loss the 8 ranks
+    logged at the end of the epoch."""
+    from u2moe.data_prep import build_dataloader
+    from u2moe.data_prep.config import DataConfig
+    from u2moe.data_prep.tokenizer import Tokenizer
+    from u2moe.model.checkpoint import load_model_file
+    from u2moe.trainer.export import export_model
+
+    data = prepare_corpus(tmp_path / "data", train_utts=48, utts_per_shard=6)  # one shard per rank
+    exp = tmp_path / "exp"
+    cmd = train_command(data, exp, nproc=1, ds_config="zero2_fp32",
+                        extra=["train.expert_parallel_size=8", "train.max_epochs=1"])
+    launcher = ["bash", str(Path(__file__).resolve().parents[1] / "launch" / "train.sh"), "--gpus", "8",
+                "--port", str(free_port()), "--"]
+    env_path = str(Path(sys.executable).parent)  # the launcher calls `deepspeed` from the venv
+    log = tmp_path / "train.log"
+    with log.open("w") as f:
+        proc = subprocess.run(launcher + cmd[cmd.index("--config"):], stdout=f, stderr=subprocess.STDOUT,
+                              timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                "PATH": f"{env_path}:{os.environ['PATH']}"})
+    text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]
+    assert "[rank 7]" in text and "trained" in text
+    dev = [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines()]
+    dev = [r for r in dev if r["split"] == "dev"]
+    assert len(dev) == 1
+
+    export_model(exp, tmp_path / "model.pt")
+    model, config, _ = load_model_file(tmp_path / "model.pt")
+    assert model.moe_layers() and all(m.experts.w1.size(0) == 8 for _, m in model.moe_layers())
+    loader = build_dataloader(data["dev"], Tokenizer.load(data["units"]), DataConfig.from_dict(config["data"]),
+                              train=False, rank=0, world_size=1)
+    total = utts = 0.0
+    with torch.no_grad():
+        for batch in loader:
+            memory, valid = model.encoder(batch["feats"], batch["feats_lengths"])
+            losses = model.losses(memory, valid, batch["target"], batch["target_lengths"])
+            total += float(losses["loss"]) * len(batch["keys"])
+            utts += len(batch["keys"])
+    assert utts == 8 and total / utts == pytest.approx(dev[0]["loss"], rel=1e-4)
 
 
 def test_an_epoch_without_a_step_stops_the_run(corpus, tmp_path):
