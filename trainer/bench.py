@@ -88,6 +88,7 @@ def stitch_batches(batches: list[dict[str, Any]], utt_seconds: float, data: Data
     from u2moe.data_prep.sample_processor import Sample
 
     budget = data.batch.max_frames_in_batch
+    waves = "wavs" in batches[0]
     joined: list[Sample] = []
     parts: list[tuple[str, float, list[int], torch.Tensor]] = []
     for utterance in (u for batch in batches for u in _utterances(batch)):
@@ -96,7 +97,6 @@ def stitch_batches(batches: list[dict[str, Any]], utt_seconds: float, data: Data
         if duration < utt_seconds:
             continue
         audio = torch.cat([p[3] for p in parts])
-        waves = "wavs" in batches[0]
         length = num_frames(len(audio), data.fbank, data.sample_rate) if waves else len(audio)
         if length <= budget:
             joined.append(Sample("+".join(p[0] for p in parts), length, duration, [t for p in parts for t in p[2]],

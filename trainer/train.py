@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,10 +196,9 @@ class Trainer:
                                f"diverged; not checkpointing. Resume from the last checkpoint in {self.ckpt_root} "
                                "with a lower optim.lr")
         self.last_saved_step = self.engine.global_steps
-        started = time.monotonic()
-        save_checkpoint(self.engine, self.ckpt_root, self.engine.global_steps, self._client_state(),
-                        self.cfg.train.expert_parallel_size, self.cfg.train.keep_checkpoints)
-        self.paused_seconds += time.monotonic() - started
+        with self._paused():
+            save_checkpoint(self.engine, self.ckpt_root, self.engine.global_steps, self._client_state(),
+                            self.cfg.train.expert_parallel_size, self.cfg.train.keep_checkpoints)
         self.reporter.line(f"checkpoint {self.ckpt_root} step {self.engine.global_steps}")
 
     def resume(self) -> None:
@@ -308,9 +308,18 @@ class Trainer:
             f"mem {stats['gpu_mem_gb']:.1f}/{stats['gpu_mem_reserved_gb']:.1f}GB")
         self.reporter.scalars("train", stats, step)
 
+    @contextmanager
+    def _paused(self) -> Iterator[None]:
+        """Time outside training (evaluation, checkpoint writing), added to `paused_seconds`."""
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.monotonic() - started
+
     def evaluate(self, dev_loader: Any, step: int) -> dict[str, float]:
         with torch.no_grad(), torch.autocast(self.info.device.type, dtype=self.autocast or torch.float32,
-                                             enabled=self.autocast is not None):
+                                             enabled=self.autocast is not None), self._paused():
             return self._evaluate(dev_loader, step)
 
     def _evaluate(self, dev_loader: Any, step: int) -> dict[str, float]:
@@ -322,7 +331,6 @@ class Trainer:
         from u2moe.model.decoding.ctc_greedy import ctc_greedy_search
         from u2moe.model.decoding.scoring import score
 
-        started = time.monotonic()
         self.engine.eval()
         model = self.engine.module
         dev_loader.set_epoch(0)
@@ -370,7 +378,6 @@ class Trainer:
         # The next evaluation's workers open the shards and fill their sort buffers during the
         # training in between: a cold start cost about 2 s per evaluation on a GPU machine.
         dev_loader.prefetch(0)
-        self.paused_seconds += time.monotonic() - started
         return result
 
     def _placeholder_batch(self) -> dict[str, Any]:
