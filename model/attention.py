@@ -7,6 +7,7 @@ query row with nothing to attend (a padded frame) yields finite values instead o
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,20 @@ def _additive_bias(mask: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | 
     # host-to-device copy (and a stall) per attention layer.
     base = bias if bias is not None else torch.zeros(keep.shape, dtype=dtype, device=mask.device)
     return base.masked_fill(~keep, _dtype_min(base.dtype))  # under autocast: bias's dtype, not dtype
+
+
+def avoid_per_shape_attention_plans() -> None:
+    """Take cuDNN's attention kernels out of `scaled_dot_product_attention` for this process.
+
+    cuDNN builds an execution plan for every new input shape, and speech brings a new shape
+    almost every call (each dynamic batch, each streaming chunk with its growing cache). On an
+    H100, small_dense's training step took 258 ms on batches of unseen shapes against 102 ms
+    without cuDNN attention (docs/RESULTS.md); the memory-efficient and flash kernels that
+    PyTorch picks instead need no plan. U2MOE_CUDNN_ATTENTION=1 keeps cuDNN's (for comparisons).
+    Process-wide: torch offers no per-module switch short of a context manager around every call.
+    """
+    if os.environ.get("U2MOE_CUDNN_ATTENTION") != "1":
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 class MultiHeadedAttention(nn.Module):

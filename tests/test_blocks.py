@@ -128,3 +128,21 @@ def test_decoder_is_causal_and_padding_invariant():
         torch.testing.assert_close(dec(memory, memory_valid, ys2, lens)[:, :3], logits[:, :3])
         alone = dec(memory[1:, :6], memory_valid[1:, :6], ys[1:, :4], lens[1:])
         torch.testing.assert_close(logits[1, :4], alone[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("keep, expected", [(None, "False"), ("1", "True")])
+def test_cli_takes_cudnn_attention_out_unless_asked(keep, expected):
+    """cuDNN attention plans every new shape (docs/RESULTS.md); `u2moe` turns it off for its
+    process, U2MOE_CUDNN_ATTENTION=1 keeps it. Read back from torch's own switch."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "U2MOE_CUDNN_ATTENTION"}
+    if keep:
+        env["U2MOE_CUDNN_ATTENTION"] = keep
+    code = ("import torch\nfrom u2moe.cli import main\n"
+            "try:\n    main(['params', '--config', 'tiny_dense'])\nexcept SystemExit:\n    pass\n"
+            "print(torch.backends.cuda.cudnn_sdp_enabled())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == expected

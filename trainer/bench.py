@@ -171,6 +171,7 @@ def profile_steps(trainer: Any, batches: list[dict[str, Any]], steps: int, out: 
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(events.table(sort_by=sort, row_limit=20))
     print(events.table(sort_by="self_cpu_time_total", row_limit=20))
+    print(events.table(sort_by="count", row_limit=30))  # where a host-bound step's launches come from
     if out is not None:
         prof.export_chrome_trace(str(out.with_suffix(".trace.json")))
     return result

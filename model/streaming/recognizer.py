@@ -17,6 +17,7 @@ import torch
 from u2moe.data_prep.config import DataConfig
 from u2moe.data_prep.tokenizer import Tokenizer
 from u2moe.model.asr_model import U2Model
+from u2moe.model.attention import avoid_per_shape_attention_plans
 from u2moe.model.decoding.ctc_prefix_beam import CtcPrefixBeamSearch
 from u2moe.model.decoding.device import model_dtype
 from u2moe.model.decoding.rescoring import attention_rescoring
@@ -28,6 +29,7 @@ class StreamingRecognizer:
     def __init__(self, model: U2Model, units: list[str], data_cfg: DataConfig, chunk_size: int = 16,
                  num_left_chunks: int = -1, beam: int = 10, ctc_weight: float = 0.3,
                  reverse_weight: float = 0.5):
+        avoid_per_shape_attention_plans()  # every chunk's cache length is a new shape
         self.model = model.eval()
         self.tokenizer = Tokenizer("char", units)  # only joins units into text
         self.fbank = FbankStream(data_cfg)
