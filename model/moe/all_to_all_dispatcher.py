@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from u2moe.model.moe.backends import ExpertGroups
 from u2moe.model.moe.dispatcher import DispatchState, SortedTokenDispatcher
 from u2moe.model.moe.router import Routing
 
@@ -91,8 +92,9 @@ class AllToAllState:
     recv_splits: list[int]
 
     @property
-    def routed_counts(self) -> torch.Tensor:
-        return self.local.routed_counts
+    def groups(self) -> ExpertGroups:
+        """This rank's frames' groups over the global experts (before the exchange)."""
+        return self.local.groups
 
 
 class AllToAllTokenDispatcher:
@@ -104,8 +106,9 @@ class AllToAllTokenDispatcher:
         self.local = SortedTokenDispatcher(num_experts)
 
     def dispatch(self, x: torch.Tensor, routing: Routing
-                 ) -> tuple[torch.Tensor, torch.Tensor, AllToAllState]:
-        permuted, tokens_per_expert, local_state = self.local.dispatch(x, routing)
+                 ) -> tuple[torch.Tensor, ExpertGroups, AllToAllState]:
+        permuted, local_groups, local_state = self.local.dispatch(x, routing)
+        tokens_per_expert = local_groups.counts
         # recv_counts[s, e]: frames rank s sends to this rank's local expert e.
         recv_counts = torch.empty_like(tokens_per_expert)
         with ALL_TO_ALL_TIMER.time(x.device):
@@ -120,9 +123,10 @@ class AllToAllTokenDispatcher:
         local_ids = torch.arange(self.num_local_experts, device=x.device).repeat(self.ep_size)
         row_expert = torch.repeat_interleave(local_ids, recv_counts.reshape(-1),
                                              output_size=received.size(0))
-        regroup = torch.argsort(row_expert, stable=True)
+        sorted_ids, regroup = torch.sort(row_expert, stable=True)
         state = AllToAllState(local_state, regroup, send_splits, recv_splits)
-        return received.index_select(0, regroup), recv_counts.sum(0), state
+        groups = ExpertGroups(recv_counts.sum(0).cumsum(0).to(torch.int32), sorted_ids)
+        return received.index_select(0, regroup), groups, state
 
     def combine(self, y: torch.Tensor, state: AllToAllState) -> torch.Tensor:
         by_source = y.new_empty(y.shape).index_copy_(0, state.regroup, y)

@@ -1,7 +1,8 @@
 """Compute backends for the experts' grouped linear layers, and the rule that picks one.
 
 A grouped linear layer computes y[rows of e] = x[rows of e] @ w[e] + b[e] for the contiguous row
-groups of a permuted batch. Three implementations, equal up to rounding:
+groups of a permuted batch; a backend provides it and its two gradients (`GroupedGemm`). Three
+implementations, equal up to rounding:
 
 - `reference`: one addmm per expert. Reads the group sizes on the host; the CPU choice.
 - `grouped_mm`: `torch._grouped_mm` (CUTLASS grouped GEMM), fast on sm90+ in bf16.
@@ -14,7 +15,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
@@ -26,75 +27,112 @@ BACKEND_CHOICES = ("auto", "reference", "grouped_mm", "triton", "export")
 
 @dataclass
 class ExpertGroups:
-    """Where each expert's rows sit in a permuted batch of `num_rows` rows."""
+    """Where each expert's rows sit in a permuted batch: rows come expert by expert."""
 
-    counts: torch.Tensor  # [E] int64, rows per expert, on the batch's device
-    num_rows: int
+    offsets: torch.Tensor  # [E] int32 group ends, the `offs` of `torch._grouped_mm` and of the Triton kernels
+    row_expert: torch.Tensor  # [M] int64 expert of each row, ascending
+
+    @classmethod
+    def from_sorted(cls, row_expert: torch.Tensor, num_experts: int) -> ExpertGroups:
+        """Groups of rows whose experts `row_expert` are sorted: the ends come from a binary
+        search, without counting passes or host reads."""
+        experts = torch.arange(num_experts, device=row_expert.device, dtype=row_expert.dtype)
+        return cls(torch.searchsorted(row_expert, experts, right=True, out_int32=True), row_expert)
 
     @cached_property
-    def offsets(self) -> torch.Tensor:
-        """[E] int32 group ends, the `offs` of `torch._grouped_mm` and of the Triton kernels."""
-        return self.counts.cumsum(0).to(torch.int32)
+    def counts(self) -> torch.Tensor:
+        """[E] int64 rows per expert."""
+        return torch.diff(self.offsets, prepend=self.offsets.new_zeros(1)).long()
 
     @cached_property
     def sizes(self) -> list[int]:
         return self.counts.tolist()  # a host sync on GPU: only the reference backend asks
 
-    @cached_property
-    def row_expert(self) -> torch.Tensor:
-        # output_size keeps repeat_interleave from reading the total back to the host.
-        experts = torch.arange(self.counts.numel(), device=self.counts.device)
-        return torch.repeat_interleave(experts, self.counts, output_size=self.num_rows)
 
-
-def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-               groups: ExpertGroups) -> torch.Tensor:
-    parts = [torch.addmm(b[e], xe, w[e]) for e, xe in enumerate(torch.split(x, groups.sizes))]
-    return torch.cat(parts)
-
-
-def _weight_grads(x: torch.Tensor, grad: torch.Tensor, groups: ExpertGroups, w: torch.Tensor,
-                  b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """dw[e] = x_e^T grad_e and db[e] = sum of grad_e rows: K-grouped products, groups along
-    the reduction dimension."""
-    grad_w = torch._grouped_mm(x.t(), grad, offs=groups.offsets)
-    # The bias gradient is the same product with x = ones; an [8, M] ones matrix is the narrowest
-    # left operand whose strides meet _grouped_mm's 16-byte alignment rule.
-    ones = grad.new_ones(grad.size(0), 8).t()
-    grad_b = torch._grouped_mm(ones, grad, offs=groups.offsets)[:, 0]
-    return grad_w.to(w.dtype), grad_b.to(b.dtype)
-
-
-class _GroupedMMLinear(torch.autograd.Function):
-    """CUTLASS grouped GEMM for the forward and the input gradient (`torch._grouped_mm`)."""
+class GroupedGemm:
+    """The three grouped products of a grouped linear layer y[rows of e] = x[rows of e] @ w[e] + b[e],
+    all operands in one dtype. `ExpertFFN` (experts.py) chains them into the experts' forward and
+    backward; each backend below implements them with its own kernels."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-                groups: ExpertGroups) -> torch.Tensor:
-        ctx.save_for_backward(x, w, b)
-        ctx.groups = groups
-        y = torch._grouped_mm(x, w.to(x.dtype), offs=groups.offsets)
-        return y.add_(b.to(y.dtype).index_select(0, groups.row_expert))
+    def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+        """x [M, K], w [E, K, N], b [E, N] -> [M, N]."""
+        raise NotImplementedError
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, w, b = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_x = torch._grouped_mm(grad, w.to(grad.dtype).transpose(1, 2), offs=ctx.groups.offsets)
-        grad_w, grad_b = _weight_grads(x, grad, ctx.groups, w, b)
-        return grad_x, grad_w, grad_b, None
+    def input_grad(grad: torch.Tensor, w: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+        """grad [M, N] -> [M, K]: grad[rows of e] @ w[e]^T."""
+        raise NotImplementedError
+
+    @staticmethod
+    def param_grads(x: torch.Tensor, grad: torch.Tensor, groups: ExpertGroups
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dw [E, K, N], db [E, N]): x[rows of e]^T @ grad[rows of e] and the sum of grad[rows of e]."""
+        raise NotImplementedError
 
 
-def _grouped_mm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-                groups: ExpertGroups) -> torch.Tensor:
-    return _GroupedMMLinear.apply(x.contiguous(), w, b, groups)
+class ReferenceGemm(GroupedGemm):
+    """One matrix product per expert; reads the group sizes on the host. The CPU's choice."""
+
+    @staticmethod
+    def linear(x, w, b, groups):
+        return torch.cat([torch.addmm(b[e], xe, w[e]) for e, xe in enumerate(torch.split(x, groups.sizes))])
+
+    @staticmethod
+    def input_grad(grad, w, groups):
+        return torch.cat([ge @ w[e].t() for e, ge in enumerate(torch.split(grad, groups.sizes))])
+
+    @staticmethod
+    def param_grads(x, grad, groups):
+        pairs = zip(torch.split(x, groups.sizes), torch.split(grad, groups.sizes))
+        dw, db = zip(*((xe.t() @ ge, ge.sum(0)) for xe, ge in pairs))
+        return torch.stack(dw), torch.stack(db)
 
 
-def _triton(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-            groups: ExpertGroups) -> torch.Tensor:
-    from u2moe.model.moe.triton_grouped_gemm import TritonGroupedLinear
+class GroupedMMGemm(GroupedGemm):
+    """CUTLASS grouped GEMM (`torch._grouped_mm`); the bias is added by one gather."""
 
-    return TritonGroupedLinear.apply(x, w, b, groups.offsets)
+    @staticmethod
+    def linear(x, w, b, groups):
+        y = torch._grouped_mm(x, w, offs=groups.offsets)
+        return y.add_(b.index_select(0, groups.row_expert))
+
+    @staticmethod
+    def input_grad(grad, w, groups):
+        return torch._grouped_mm(grad, w.transpose(1, 2), offs=groups.offsets)
+
+    @staticmethod
+    def param_grads(x, grad, groups):
+        # Groups along the reduction dimension (K-grouped products).
+        dw = torch._grouped_mm(x.t(), grad, offs=groups.offsets)
+        # The bias gradient is the same product with x = ones; an [8, M] ones matrix is the
+        # narrowest left operand whose strides meet _grouped_mm's 16-byte alignment rule.
+        ones = grad.new_ones(grad.size(0), 8).t()
+        return dw, torch._grouped_mm(ones, grad, offs=groups.offsets)[:, 0]
+
+
+class TritonGemm(GroupedGemm):
+    """Our Triton kernels (`triton_grouped_gemm`), bias fused into the row kernel and the bias
+    gradient into the weight-gradient kernel."""
+
+    @staticmethod
+    def linear(x, w, b, groups):
+        from u2moe.model.moe.triton_grouped_gemm import grouped_rows
+
+        return grouped_rows(x, w, b, groups.offsets, transpose_w=False)
+
+    @staticmethod
+    def input_grad(grad, w, groups):
+        from u2moe.model.moe.triton_grouped_gemm import grouped_rows
+
+        return grouped_rows(grad, w, None, groups.offsets, transpose_w=True)
+
+    @staticmethod
+    def param_grads(x, grad, groups):
+        from u2moe.model.moe.triton_grouped_gemm import weight_grad
+
+        dw, db = weight_grad(x, grad, groups.offsets, groups.offsets.numel(), x.dtype, with_bias=True)
+        return dw, db
 
 
 def all_experts_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -118,8 +156,8 @@ def combine_top_k(y: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tens
     return (picked * weights.to(picked.dtype).unsqueeze(2)).sum(dim=1)
 
 
-GROUPED_LINEAR: dict[str, Callable[..., torch.Tensor]] = {
-    "reference": _reference, "grouped_mm": _grouped_mm, "triton": _triton}
+GEMMS: dict[str, type[GroupedGemm]] = {
+    "reference": ReferenceGemm, "grouped_mm": GroupedMMGemm, "triton": TritonGemm}
 
 
 def backend_override() -> str:

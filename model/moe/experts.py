@@ -6,14 +6,69 @@ slices: a rank holding experts [e0, e1) holds rows [e0, e1) of every tensor.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from u2moe.model.feed_forward import ACTIVATIONS
-from u2moe.model.moe.backends import (GROUPED_LINEAR, ExpertGroups, all_experts_linear,
+from u2moe.model.moe.backends import (GEMMS, ExpertGroups, GroupedGemm, all_experts_linear,
                                       backend_override, combine_top_k, compute_dtype,
                                       select_backend)
+
+# Each activation as a function, and its backward from its input as autograd computes it.
+_ACTIVATION_FNS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor],
+                              Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]] = {
+    "relu": (F.relu, lambda grad, h: torch.ops.aten.threshold_backward(grad, h, 0)),
+    "swish": (F.silu, lambda grad, h: torch.ops.aten.silu_backward(grad, h)),
+    "gelu": (F.gelu, lambda grad, h: torch.ops.aten.gelu_backward(grad, h)),
+}
+
+
+class ExpertFFN(torch.autograd.Function):
+    """linear -> activation -> dropout -> linear over grouped rows, as one autograd node.
+
+    Autograd would record about a dozen nodes here (casts, bias gathers, the activation, the
+    dropout mask); on a GPU their host overhead, not their kernels, bounds the MoE layer
+    (docs/RESULTS.md). The backward is written out: two grouped products per linear layer and
+    the activation's and dropout's own backward kernels.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                b2: torch.Tensor, groups: ExpertGroups, gemm: type[GroupedGemm], activation: str,
+                dropout: float, dtype: torch.dtype) -> torch.Tensor:
+        xc = x.to(dtype).contiguous()
+        h = gemm.linear(xc, w1.to(dtype), b1.to(dtype), groups)
+        a = _ACTIVATION_FNS[activation][0](h)
+        mask = None
+        if dropout > 0:
+            a, mask = torch.native_dropout(a, dropout, True)
+        y = gemm.linear(a, w2.to(dtype), b2.to(dtype), groups)
+        # The fp32 weights, not their casts: saving the casts would hold a second copy of every
+        # expert for the backward (1.5 GB for moe_1b under bf16 autocast).
+        ctx.save_for_backward(xc, h, a, mask, w1, w2)
+        ctx.groups, ctx.gemm, ctx.activation, ctx.dropout = groups, gemm, activation, dropout
+        ctx.dtypes = (x.dtype, b1.dtype, b2.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, h, a, mask, w1, w2 = ctx.saved_tensors
+        groups, gemm = ctx.groups, ctx.gemm
+        grad = grad.to(a.dtype).contiguous()
+        grad_w2, grad_b2 = gemm.param_grads(a, grad, groups)
+        grad_a = gemm.input_grad(grad, w2.to(a.dtype), groups)
+        if mask is not None:
+            grad_a = torch.ops.aten.native_dropout_backward(grad_a, mask, 1.0 / (1.0 - ctx.dropout))
+        grad_h = _ACTIVATION_FNS[ctx.activation][1](grad_a, h)
+        grad_w1, grad_b1 = gemm.param_grads(x, grad_h, groups)
+        grad_x = gemm.input_grad(grad_h, w1.to(x.dtype), groups) if ctx.needs_input_grad[0] else None
+        x_dtype, b1_dtype, b2_dtype = ctx.dtypes
+        return (None if grad_x is None else grad_x.to(x_dtype), grad_w1.to(w1.dtype),
+                grad_b1.to(b1_dtype), grad_w2.to(w2.dtype), grad_b2.to(b2_dtype),
+                None, None, None, None, None)
 
 
 class GroupedExperts(nn.Module):
@@ -21,10 +76,11 @@ class GroupedExperts(nn.Module):
                  dropout_rate: float):
         super().__init__()
         self.num_experts = num_experts
-        # "auto" or a name from backends.GROUPED_LINEAR, resolved per call (device, dtype), or
+        # "auto" or a name from backends.GEMMS, resolved per call (device, dtype), or
         # "export" (MoEFeedForward then takes the static-graph path, forward_top_k);
         # settable per layer, or for a whole run through U2MOE_EXPERT_BACKEND.
         self.backend = backend_override()
+        self.activation_name = activation
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_units))
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden_units))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_units, dim))
@@ -47,18 +103,15 @@ class GroupedExperts(nn.Module):
         self.num_experts = count
 
     @torch.jit.unused  # group sizes are host values: TorchScript and ONNX use forward_top_k
-    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """x [M, dim] grouped by expert (group sizes `tokens_per_expert`) -> [M, dim]."""
-        groups = ExpertGroups(tokens_per_expert, x.size(0))
+    def forward(self, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+        """x [M, dim] grouped by expert (`groups`) -> [M, dim]."""
         dtype = compute_dtype(x)
         backend = select_backend(self.backend, x.device, dtype, tuple(self.w1.shape[1:]))
         if x.size(0) == 0:
             backend = "reference"  # nothing to compute; keeps the graph linked to the weights
-        linear = GROUPED_LINEAR[backend]
-        if backend != "reference":
-            x = x.to(dtype)
-        h = self.dropout(self.activation(linear(x, self.w1, self.b1, groups)))
-        return linear(h, self.w2, self.b2, groups)
+        dropout = self.dropout.p if self.training else 0.0
+        return ExpertFFN.apply(x, self.w1, self.b1, self.w2, self.b2, groups, GEMMS[backend],
+                               self.activation_name, dropout, dtype)
 
     def forward_top_k(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
                       ) -> torch.Tensor:

@@ -7,6 +7,7 @@ from torch import nn
 
 from u2moe.model.config import FeedForwardConfig
 from u2moe.model.moe.all_to_all_dispatcher import AllToAllTokenDispatcher
+from u2moe.model.moe.backends import ExpertGroups
 from u2moe.model.moe.dispatcher import SortedTokenDispatcher
 from u2moe.model.moe.experts import GroupedExperts
 from u2moe.model.moe.router import TopKRouter
@@ -23,10 +24,16 @@ class MoEFeedForward(nn.Module):
             SortedTokenDispatcher(cfg.num_experts)
         self.experts = GroupedExperts(cfg.num_experts, dim, cfg.hidden_units, cfg.activation,
                                       cfg.dropout_rate)
-        # Set by every forward, read by the trainer: frames of this rank routed to each (global)
-        # expert, and the weighted balancing loss (None unless enabled).
-        self.last_tokens_per_expert: torch.Tensor | None = None
+        # Set by every forward: where this rank's frames went (read by the trainer through
+        # `last_tokens_per_expert`), and the weighted balancing loss (None unless enabled).
+        self._routed_groups: ExpertGroups | None = None
         self.aux_loss: torch.Tensor | None = None
+
+    @property
+    def last_tokens_per_expert(self) -> torch.Tensor | None:
+        """[E] frames of this rank routed to each (global) expert in the last forward; counted
+        when asked, not in every forward."""
+        return None if self._routed_groups is None else self._routed_groups.counts.detach()
 
     def shard_experts(self, group: dist.ProcessGroup) -> None:
         """Expert parallelism over `group`: keep this rank's E/P contiguous experts and exchange
@@ -47,7 +54,7 @@ class MoEFeedForward(nn.Module):
     def _forward_export(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """Inference as a static graph, for TorchScript and ONNX: every frame is routed and run
         through all experts (GroupedExperts.forward_top_k); padded frames are zeroed after.
-        Sets neither `last_tokens_per_expert` nor `aux_loss`."""
+        Sets neither the routed groups nor `aux_loss`."""
         flat = x.reshape(-1, x.size(-1))
         expert_ids, weights = self.router.select(flat)
         y = self.experts.forward_top_k(flat, expert_ids, weights)
@@ -66,9 +73,9 @@ class MoEFeedForward(nn.Module):
         else:
             tokens = flat
         routing = self.router(tokens)
-        permuted, tokens_per_expert, state = self.dispatcher.dispatch(tokens, routing)
-        y = self.dispatcher.combine(self.experts(permuted, tokens_per_expert), state)
-        self.last_tokens_per_expert = state.routed_counts.detach()
+        permuted, groups, state = self.dispatcher.dispatch(tokens, routing)
+        y = self.dispatcher.combine(self.experts(permuted, groups), state)
+        self._routed_groups = state.groups
         self.aux_loss = routing.aux_loss
         if index is not None:
             y = flat.new_zeros(flat.shape).index_copy(0, index, y)

@@ -108,7 +108,7 @@ def _grouped_weight_grad_kernel(x_ptr, g_ptr, dw_ptr, db_ptr, offsets_ptr, N, K,
                  mask=mask_n & (pid_k == 0))
 
 
-def _rows(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, offsets: torch.Tensor,
+def grouped_rows(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, offsets: torch.Tensor,
           transpose_w: bool) -> torch.Tensor:
     num_experts = w.size(0)
     k_dim, n_dim = (w.size(2), w.size(1)) if transpose_w else (w.size(1), w.size(2))
@@ -135,26 +135,3 @@ def weight_grad(x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor, num_exp
         x, g, dw, db if db is not None else dw, offsets, n_dim, k_dim,
         x.stride(0), x.stride(1), g.stride(0), g.stride(1), HAS_BIAS=with_bias, **blocks)
     return dw, db
-
-
-class TritonGroupedLinear(torch.autograd.Function):
-    """y[rows of e] = x[rows of e] @ w[e] + b[e], with all three gradients from grouped kernels."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-                offsets: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()
-        ctx.save_for_backward(x, w, offsets)
-        ctx.has_bias_grad = b.requires_grad
-        return _rows(x, w.to(x.dtype), b, offsets, transpose_w=False)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, w, offsets = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_x = _rows(grad, w.to(grad.dtype), None, offsets, transpose_w=True) \
-            if ctx.needs_input_grad[0] else None
-        grad_w = grad_b = None
-        if ctx.needs_input_grad[1] or ctx.has_bias_grad:
-            grad_w, grad_b = weight_grad(x, grad, offsets, w.size(0), w.dtype, ctx.has_bias_grad)
-        return grad_x, grad_w, grad_b, None
