@@ -90,6 +90,17 @@ class MultiHeadedAttention(nn.Module):
         q, k, v, new_cache = self._project(query, key, value, cache)
         return self._attend(q, k, v, mask), new_cache
 
+    def project_key_value(self, x: torch.Tensor) -> torch.Tensor:
+        """Keys and values of x [B, T, D] as [B, H, T, 2*d_k], the layout of `cache`: attention
+        over a fixed memory (the decoder's encoder output) projects it once, not every step."""
+        return torch.cat([self._heads(self.linear_k(x)), self._heads(self.linear_v(x))], dim=-1)
+
+    def attend_projected(self, query: torch.Tensor, key_value: torch.Tensor, mask: torch.Tensor
+                         ) -> torch.Tensor:
+        """Attention of query [B, Tq, D] over keys and values from `project_key_value`."""
+        k, v = key_value.split(self.d_k, dim=-1)
+        return self._attend(self._heads(self.linear_q(query)), k, v, mask)
+
 
 class RelPositionMultiHeadedAttention(MultiHeadedAttention):
     """Transformer-XL attention: content term (q + u)k^T plus position term (q + v)R^T.

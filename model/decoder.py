@@ -36,6 +36,28 @@ class TransformerDecoder(nn.Module):
                 x = layer(x, tgt_mask, memory, memory_mask, tgt_valid)
         return self.output_layer(self.after_norm(x))
 
+    @torch.jit.unused  # incremental decoding is Python-side search, not part of the exported graph
+    def project_memory(self, memory: torch.Tensor) -> list[torch.Tensor]:
+        """Each layer's cross-attention keys and values of memory [B, T, D], for `forward_step`."""
+        return [layer.src_attn.project_key_value(memory) for layer in self.decoders]
+
+    @torch.jit.unused
+    def forward_step(self, token: torch.Tensor, position: int, caches: list[torch.Tensor | None],
+                     memory_kv: list[torch.Tensor], memory_valid: torch.Tensor
+                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One step of incremental decoding: token [B] at `position` (0 for <sos>), caches from
+        the previous step (None per layer at the first), memory_kv from `project_memory` ->
+        (logits [B, V] of the next unit, caches with this position). Per step the cost is one
+        position through every layer plus attention over the earlier ones, where `forward`
+        on the growing prefix redoes every position: quadratic against linear in the length."""
+        x = self.pos_enc(self.embed(token.unsqueeze(1)), position)
+        memory_mask = memory_valid.unsqueeze(1)
+        new_caches = []
+        for layer, cache, kv in zip(self.decoders, caches, memory_kv):
+            x, cache = layer.forward_step(x, cache, kv, memory_mask)
+            new_caches.append(cache)
+        return self.output_layer(self.after_norm(x))[:, 0], new_caches
+
     @torch.jit.unused  # the exported runtime never trains
     def _checkpointed(self, i: int, x: torch.Tensor, tgt_mask: torch.Tensor, memory: torch.Tensor,
                       memory_mask: torch.Tensor, tgt_valid: torch.Tensor) -> torch.Tensor:

@@ -28,3 +28,18 @@ class DecoderLayer(nn.Module):
         h = self.norm2(x)
         x = x + self.dropout(self.src_attn(h, memory, memory, memory_mask)[0])
         return x + self.dropout(self.feed_forward(self.norm3(x), tgt_valid))
+
+    @torch.jit.unused  # incremental decoding is Python-side search, not part of the exported graph
+    def forward_step(self, x: torch.Tensor, self_cache: torch.Tensor | None, memory_kv: torch.Tensor,
+                     memory_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference for the newest position only: x [B, 1, D]; self_cache [B, H, L-1, 2*d_k], the
+        earlier positions' self-attention keys and values (None at the first); memory_kv from
+        `src_attn.project_key_value`. -> (output [B, 1, D], self_cache with this position).
+        Equals `forward` on the whole prefix, at its last position (dropout off)."""
+        h = self.norm1(x)
+        every_earlier = torch.ones(x.size(0), 1, 1, dtype=torch.bool, device=x.device)  # broadcast over keys
+        attn, self_cache = self.self_attn(h, h, h, every_earlier, self_cache)
+        x = x + attn
+        x = x + self.src_attn.attend_projected(self.norm2(x), memory_kv, memory_mask)
+        return x + self.feed_forward(self.norm3(x), None), self_cache
+

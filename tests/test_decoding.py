@@ -118,6 +118,64 @@ def test_attention_beam_of_one_is_greedy_decoding():
             assert got[b] == ys[1:]
 
 
+@pytest.mark.parametrize("preset", ["tiny_dense", "tiny_moe"])
+def test_incremental_decoder_step_equals_the_full_forward_at_the_last_position(preset):
+    model = tiny_model(preset)
+    decoder = model.decoder.left_decoder
+    g = torch.Generator().manual_seed(5)
+    memory = torch.randn(3, 20, model.decoder.left_decoder.embed.embedding_dim, generator=g)
+    valid = torch.arange(20)[None] < torch.tensor([[20], [13], [4]])
+    ys = torch.randint(0, model.sos, (3, 6), generator=g)
+    ys[:, 0] = model.sos
+    with torch.no_grad():
+        full = decoder(memory, valid, ys, torch.full((3,), 6))
+        kv, caches = decoder.project_memory(memory), [None] * len(decoder.decoders)
+        for t in range(6):
+            logits, caches = decoder.forward_step(ys[:, t], t, caches, kv, valid)
+            torch.testing.assert_close(logits, full[:, t], rtol=1e-5, atol=1e-5)
+
+
+def _recomputing_beam_search(model, memory, valid, beam, max_len):
+    """Beam search that reruns the decoder over each whole prefix, one utterance at a time."""
+    results = []
+    for b in range(memory.size(0)):
+        mem = memory[b:b + 1, :int(valid[b].sum())]
+        limit = min(mem.size(1), max_len)
+        live = [((model.sos,), 0.0)]
+        ended = []
+        for _ in range(limit):
+            cands = []
+            for hyp, score_ in live:
+                logits = model.decoder.left_decoder(mem, torch.ones(1, mem.size(1), dtype=torch.bool),
+                                                    torch.tensor([hyp]), torch.tensor([len(hyp)]))
+                logp = F.log_softmax(logits[0, -1].float(), dim=-1)
+                cands += [(hyp + (u,), score_ + float(logp[u])) for u in range(logp.numel())]
+            cands.sort(key=lambda c: c[1], reverse=True)
+            live = []
+            for hyp, score_ in cands[:beam]:
+                (ended if hyp[-1] == model.eos else live).append((hyp, score_))
+            # Ended hypotheses compete with live ones for the beam, as extensions with <eos> at no cost.
+            pool = sorted(ended + live, key=lambda c: c[1], reverse=True)[:beam]
+            ended = [c for c in pool if c[0][-1] == model.eos]
+            live = [c for c in pool if c[0][-1] != model.eos]
+            if not live:
+                break
+        best = max(ended + live, key=lambda c: c[1])[0][1:]
+        results.append(list(best[:-1] if best and best[-1] == model.eos else best))
+    return results
+
+
+@pytest.mark.parametrize("preset", ["tiny_dense", "tiny_moe"])
+def test_incremental_attention_beam_search_equals_a_recomputing_one(preset):
+    model = tiny_model(preset)
+    g = torch.Generator().manual_seed(7)
+    feats, lens = torch.randn(2, 60, 80, generator=g), torch.tensor([60, 41])
+    with torch.no_grad():
+        memory, valid = model.encoder(feats, lens)
+        got = attention_beam_search(model, memory, valid, beam=3, max_len=5)
+        assert got == _recomputing_beam_search(model, memory, valid, beam=3, max_len=5)
+
+
 @pytest.mark.parametrize("preset,chunk", [("tiny_dense", -1), ("tiny_moe", -1), ("tiny_moe", 4)])
 def test_every_mode_decodes_a_padded_batch_as_each_utterance_alone(preset, chunk):
     model = tiny_model(preset)

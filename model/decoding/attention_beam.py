@@ -1,8 +1,8 @@
 """Attention beam search with the left-to-right decoder, batched over utterances and beams.
 
-Each step re-runs the decoder over the whole prefix (the decoder keeps no self-attention cache):
-cost grows with the square of the output length, which is acceptable for this mode, a reference
-rather than the deployed path (CTC prefix beam + attention rescoring is).
+Incremental: each step runs only the newest position through the decoder, with the earlier
+positions' self-attention keys and values cached per layer (reordered with the beams) and the
+encoder output's cross-attention keys and values projected once (`TransformerDecoder.forward_step`).
 """
 from __future__ import annotations
 
@@ -25,8 +25,11 @@ def attention_beam_search(model: U2Model, memory: torch.Tensor, valid: torch.Ten
     if max_len is not None:
         limits = limits.clamp(max=max_len)
     limits = limits.repeat_interleave(beam)
-    mem = memory.repeat_interleave(beam, dim=0)
     mem_valid = valid.repeat_interleave(beam, dim=0)
+    decoder = model.decoder.left_decoder
+    # Beams of one utterance share its memory: project it per utterance, then repeat.
+    memory_kv = [kv.repeat_interleave(beam, dim=0) for kv in decoder.project_memory(memory)]
+    caches: list[torch.Tensor | None] = [None] * len(memory_kv)
     hyps = torch.full((b * beam, 1), sos, dtype=torch.long, device=device)
     # Only the first beam of each utterance is live at the start, so the beams do not duplicate.
     scores = torch.zeros(b, beam, device=device)
@@ -37,9 +40,8 @@ def attention_beam_search(model: U2Model, memory: torch.Tensor, valid: torch.Ten
         ended = ended | (limits < step)
         if bool(ended.all()):
             break
-        lens = torch.full((b * beam,), step, device=device)
-        logits, _ = model.decoder(mem, mem_valid, hyps, lens)
-        logp = F.log_softmax(logits[:, -1].float(), dim=-1)
+        logits, caches = decoder.forward_step(hyps[:, -1], step - 1, caches, memory_kv, mem_valid)
+        logp = F.log_softmax(logits.float(), dim=-1)
         # A finished hypothesis keeps its score by extending with <eos> at no cost.
         finished = torch.full_like(logp, -float("inf"))
         finished[:, eos] = 0.0
@@ -50,6 +52,7 @@ def attention_beam_search(model: U2Model, memory: torch.Tensor, valid: torch.Ten
         parent = (top_idx // vocab + torch.arange(b, device=device).unsqueeze(1) * beam).view(-1)
         token = (top_idx % vocab).view(-1)
         hyps = torch.cat([hyps.index_select(0, parent), token.unsqueeze(1)], dim=1)
+        caches = [cache.index_select(0, parent) for cache in caches]
         scores = top_scores.view(-1)
         ended = ended.index_select(0, parent) | (token == eos)
     best = scores.view(b, beam).argmax(dim=1) + torch.arange(b, device=device) * beam
