@@ -132,3 +132,22 @@ def test_state_dict_shard_and_merge_round_trip(ep_size):
     assert is_expert_key("experts.w1") and not is_expert_key("router.weight")
     with pytest.raises(ValueError):
         shard_expert_state_dict(full, 0, 3)
+
+
+def test_expert_parallel_bench_runs_under_a_launcher(tmp_path):
+    """`u2moe bench moe-ep` as a user starts it: torchrun, 2 CPU processes (gloo)."""
+    import json
+    import subprocess
+    import sys
+
+    from spawn_helpers import free_port
+
+    out = tmp_path / "ep.json"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", str(free_port()), "-m", "u2moe", "bench", "moe-ep",
+                    "--shapes", "256,16,32", "--pad", "0.2", "--warmup", "1", "--iters", "3",
+                    "--out", str(out)], check=True, cwd=tmp_path, timeout=300,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["ranks"] == 2 and row["T_per_rank"] == 256 and row["ep_ms"] > 0 and row["local_ms"] > 0
+    assert 0 < row["a2a_share"] < 1  # the exchanges were timed, and are part of the step

@@ -1,13 +1,20 @@
-"""`u2moe bench moe` (GPU training step of one FFN layer) and `u2moe bench moe-infer` (CPU, batch 1).
+"""`u2moe bench moe` (GPU training step of one FFN layer), `u2moe bench moe-ep` (the same under
+expert parallelism, one process per GPU) and `u2moe bench moe-infer` (CPU, batch 1).
 
 `moe`: forward + backward time of the dense FFN, the ideal top-k MoE (k x dense), DeepSpeed's
 native MoE (drop_tokens=False), a per-expert loop (our `reference` backend) and our layer with
 each GPU backend, for each (T, d, FFN) shape, dense and with padding. CUDA events, median of
 `--iters` steps after warm-up.
+
+`moe-ep`: started by a launcher (`torchrun --nproc_per_node P -m u2moe bench moe-ep`), each rank
+with T frames of its own: our layer with its experts split over the P ranks (all-to-all
+dispatch) against the same layer with every expert on each rank (no exchange), and the share of
+the expert-parallel step spent in the all-to-alls. Runs on CPU with gloo too (fp32).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -49,11 +56,10 @@ def _train_step(module: nn.Module, x: torch.Tensor, call: Callable[[torch.Tensor
     return step
 
 
-def _batch(frames: int, dim: int, pad: float, device: torch.device
+def _batch(frames: int, dim: int, pad: float, device: torch.device, dtype: torch.dtype = torch.bfloat16
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     batch = 16
-    x = torch.randn(batch, frames // batch, dim, device=device, dtype=torch.bfloat16,
-                    requires_grad=True)
+    x = torch.randn(batch, frames // batch, dim, device=device, dtype=dtype, requires_grad=True)
     if pad == 0:
         return x, None
     # Lengths spread evenly over [1 - 2 pad, 1] of the longest: `pad` of the frames are padding.
@@ -133,6 +139,70 @@ def _profile(args: argparse.Namespace) -> None:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14))
 
 
+def _time_steps(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Milliseconds of each of `iters` steps after `warmup` (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        return [_time_cuda(step, 0, 1) for _ in range(iters)]
+    times = []
+    for _ in range(iters):
+        started = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - started) * 1e3)
+    return times
+
+
+def bench_moe_ep(args: argparse.Namespace) -> dict:
+    import torch.distributed as dist
+
+    from u2moe.model.moe.all_to_all_dispatcher import ALL_TO_ALL_TIMER
+    from u2moe.trainer.distributed import init_distributed
+
+    info = init_distributed()
+    world = dist.get_world_size()
+    dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
+    rows = []
+    for frames, dim, hidden in args.shapes:
+        cfg = FeedForwardConfig(type="moe", hidden_units=hidden, dropout_rate=0.0,
+                                num_experts=args.experts, top_k=args.top_k)
+        torch.manual_seed(0)  # the same weights on every rank
+        local = MoEFeedForward(dim, cfg).to(info.device, dtype)
+        split = copy.deepcopy(local)
+        split.shard_experts(dist.group.WORLD)
+        torch.manual_seed(1 + info.rank)  # frames of its own on each rank
+        x, valid = _batch(frames, dim, args.pad, info.device, dtype)
+        local_ms = _time_steps(_train_step(local, x, lambda t: local(t, valid)), info.device,
+                               args.warmup, args.iters)
+        step = _train_step(split, x, lambda t: split(t, valid))
+        _time_steps(step, info.device, args.warmup, 0)
+        ALL_TO_ALL_TIMER.enabled = True
+        ALL_TO_ALL_TIMER.take()
+        ep_ms = _time_steps(step, info.device, 0, args.iters)
+        a2a_ms = ALL_TO_ALL_TIMER.take() * 1e3
+        ALL_TO_ALL_TIMER.enabled = False
+        mine = {"local_ms": statistics.median(local_ms), "ep_ms": statistics.median(ep_ms),
+                "a2a_share": a2a_ms / sum(ep_ms)}
+        every = [None] * world
+        dist.all_gather_object(every, mine)
+        row = {"T_per_rank": frames, "d": dim, "ffn": hidden, "pad": args.pad, "ranks": world,
+               # The slowest rank paces a collective step.
+               "ep_ms": max(r["ep_ms"] for r in every), "local_ms": max(r["local_ms"] for r in every),
+               "a2a_share": statistics.mean(r["a2a_share"] for r in every)}
+        rows.append(row)
+        if info.is_main:
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}),
+                  flush=True)
+    return {"device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
+            "dtype": str(dtype), "experts": args.experts, "top_k": args.top_k, "rows": rows,
+            "main": info.is_main}
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    frames, dim, hidden = (int(v) for v in text.split(","))
+    return frames, dim, hidden
+
+
 def bench_moe_infer(args: argparse.Namespace) -> dict:
     """Batch-1 inference on CPU: one MoE layer vs the dense FFN of the same expert size."""
     torch.set_num_threads(args.threads)
@@ -160,7 +230,7 @@ def bench_moe_infer(args: argparse.Namespace) -> dict:
 def _run(fn: Callable[[argparse.Namespace], dict]) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
         result = fn(args)
-        if args.out:
+        if args.out and result.pop("main", True):  # one writer under a launcher
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
         return 0
@@ -177,6 +247,16 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", action="store_true", help="kernel table of our layer")
     p.add_argument("--out", help="write the results as JSON here")
     p.set_defaults(handler=_run(bench_moe))
+    p = sub.add_parser("moe-ep", help="MoE layer training step under expert parallelism (start with a launcher)")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--shapes", type=_shape, nargs="+", default=list(SHAPES), metavar="T,D,FFN",
+                   help="frames per rank, model dim, expert hidden size (default: the `moe` shapes)")
+    p.add_argument("--pad", type=float, default=0.0, help="share of padded frames")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--out", help="write the results as JSON here (rank 0)")
+    p.set_defaults(handler=_run(bench_moe_ep))
     p = sub.add_parser("moe-infer", help="MoE layer inference, batch 1, on CPU")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--iters", type=int, default=50)
