@@ -22,11 +22,14 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from u2moe.model.config import FeedForwardConfig
 from u2moe.model.feed_forward import PositionwiseFeedForward
+from u2moe.model.moe.all_to_all_dispatcher import ALL_TO_ALL_TIMER
 from u2moe.model.moe.layer import MoEFeedForward
+from u2moe.trainer.distributed import DistInfo, init_distributed
 
 SHAPES = ((16384, 512, 2048), (32768, 256, 2048), (16384, 1024, 4096))
 
@@ -154,14 +157,24 @@ def _time_steps(step: Callable[[], None], device: torch.device, warmup: int, ite
 
 
 def bench_moe_ep(args: argparse.Namespace) -> dict:
-    import torch.distributed as dist
-
-    from u2moe.model.moe.all_to_all_dispatcher import ALL_TO_ALL_TIMER
-    from u2moe.trainer.distributed import init_distributed
-
     info = init_distributed()
+    try:
+        rows = _moe_ep_rows(args, info)
+    finally:
+        # Left to interpreter exit, gloo's threads abort the process (SIGABRT) after the results.
+        dist.destroy_process_group()
+    return {"device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
+            "dtype": str(_ep_dtype(info.device)), "experts": args.experts, "top_k": args.top_k,
+            "rows": rows, "main": info.is_main}
+
+
+def _ep_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _moe_ep_rows(args: argparse.Namespace, info: DistInfo) -> list[dict]:
     world = dist.get_world_size()
-    dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
+    dtype = _ep_dtype(info.device)
     rows = []
     for frames, dim, hidden in args.shapes:
         cfg = FeedForwardConfig(type="moe", hidden_units=hidden, dropout_rate=0.0,
@@ -193,9 +206,7 @@ def bench_moe_ep(args: argparse.Namespace) -> dict:
         if info.is_main:
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}),
                   flush=True)
-    return {"device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
-            "dtype": str(dtype), "experts": args.experts, "top_k": args.top_k, "rows": rows,
-            "main": info.is_main}
+    return rows
 
 
 def _shape(text: str) -> tuple[int, int, int]:
