@@ -248,25 +248,26 @@ def _run(fn: Callable[[argparse.Namespace], dict]) -> Callable[[argparse.Namespa
     return handler
 
 
-def register_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("moe", help="MoE layer training step on one GPU, all paths")
+def _training_step_arguments(p: argparse.ArgumentParser) -> None:
+    """What `moe` and `moe-ep` share: the layer's routing and the timing loop."""
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--backends", nargs="+", default=["reference", "grouped_mm", "triton"])
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--out", help="write the results as JSON here (rank 0 under a launcher)")
+
+
+def register_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("moe", help="MoE layer training step on one GPU, all paths")
+    _training_step_arguments(p)
+    p.add_argument("--backends", nargs="+", default=["reference", "grouped_mm", "triton"])
     p.add_argument("--profile", action="store_true", help="kernel table of our layer")
-    p.add_argument("--out", help="write the results as JSON here")
     p.set_defaults(handler=_run(bench_moe))
-    p = sub.add_parser("moe-ep", help="MoE layer training step under expert parallelism (start with a launcher)")
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
+    p = sub.add_parser("moe-ep", help="MoE layer training step, expert parallel (start it with a launcher)")
+    _training_step_arguments(p)
     p.add_argument("--shapes", type=_shape, nargs="+", default=list(SHAPES), metavar="T,D,FFN",
                    help="frames per rank, model dim, expert hidden size (default: the `moe` shapes)")
     p.add_argument("--pad", type=float, default=0.0, help="share of padded frames")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--out", help="write the results as JSON here (rank 0)")
     p.set_defaults(handler=_run(bench_moe_ep))
     p = sub.add_parser("moe-infer", help="MoE layer inference, batch 1, on CPU")
     p.add_argument("--threads", type=int, default=1)

@@ -42,7 +42,9 @@ class _Unpermute(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         pairs, w, order = ctx.saved_tensors
         grad = grad.to(pairs.dtype)
-        grad_weights = (pairs * grad.unsqueeze(1)).sum(dim=2).to(ctx.weights_dtype) if ctx.needs_input_grad[2] else None
+        grad_weights = None
+        if ctx.needs_input_grad[2]:
+            grad_weights = (pairs * grad.unsqueeze(1)).sum(dim=2).to(ctx.weights_dtype)
         grad_y = (grad.unsqueeze(1) * w.unsqueeze(2)).view(-1, grad.size(1)).index_select(0, order)
         return grad_y, None, grad_weights
 
