@@ -161,3 +161,34 @@ def test_expert_ffn_matches_direct_composition_and_numerical_gradients(activatio
     direct = torch.einsum("mk,mkn->mn", direct, w2[rows]) + b2[rows]
     torch.testing.assert_close(run(x, *weights), direct)
     assert torch.autograd.gradcheck(run, (x, *weights), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_compiled_conformer_layer_with_moe_equals_eager():
+    """train.compile compiles each layer; its MoE runs eagerly inside (data-dependent shapes).
+    Outputs and gradients equal the eager layer's, at two lengths (dynamic shapes)."""
+    import copy
+
+    from u2moe.config import load_config
+    from u2moe.model import U2Model
+
+    torch.manual_seed(0)
+    cfg = load_config("tiny_moe", [f"model.encoder.{k}=0.0" for k in
+                                   ("dropout_rate", "attention_dropout_rate", "ffn.dropout_rate")])
+    model = U2Model(cfg.model).train()
+    eager = model.encoder.encoders[0]
+    compiled = copy.deepcopy(eager)
+    compiled.compile(dynamic=True)
+    dim = cfg.model.encoder.output_size
+    for t in (23, 17):
+        x = torch.randn(2, t, dim)
+        valid = torch.arange(t)[None] < torch.tensor([t, t - 5])[:, None]
+        pos = model.encoder.pos_enc.eval()(x)[1]
+        outs, grads = [], []
+        for layer in (eager, compiled):
+            layer.zero_grad(set_to_none=True)
+            y = layer(x, valid.unsqueeze(1), pos, valid)[0]
+            y.square().sum().backward()
+            outs.append(y.detach())
+            grads.append(layer.feed_forward.experts.w1.grad.clone())
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)

@@ -63,6 +63,10 @@ class MoEFeedForward(nn.Module):
         return y.view_as(x)
 
     @torch.jit.unused
+    # Eager under train.compile: the group sizes and the padding removal are data-dependent, and
+    # the expert FFN is already one fused autograd node; traced, they only break the graph and
+    # recompile per layer (dynamo's recompile limit was hit with tiny_moe).
+    @torch.compiler.disable
     def _forward_dispatch(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         flat = x.reshape(-1, x.size(-1))
         index = None
