@@ -42,4 +42,3 @@ class DecoderLayer(nn.Module):
         x = x + attn
         x = x + self.src_attn.attend_projected(self.norm2(x), memory_kv, memory_mask)
         return x + self.feed_forward(self.norm3(x), None), self_cache
-

@@ -45,7 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     from u2moe.data_prep.errors import DataPrepError
     from u2moe.dataconf import ConfigError
-
     from u2moe.model.attention import avoid_per_shape_attention_plans
 
     args = build_parser().parse_args(argv)

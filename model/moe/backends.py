@@ -131,8 +131,7 @@ class TritonGemm(GroupedGemm):
     def param_grads(x, grad, groups):
         from u2moe.model.moe.triton_grouped_gemm import weight_grad
 
-        dw, db = weight_grad(x, grad, groups.offsets, groups.offsets.numel(), x.dtype, with_bias=True)
-        return dw, db
+        return weight_grad(x, grad, groups.offsets)
 
 
 def all_experts_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

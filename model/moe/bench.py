@@ -34,18 +34,24 @@ from u2moe.trainer.distributed import DistInfo, init_distributed
 SHAPES = ((16384, 512, 2048), (32768, 256, 2048), (16384, 1024, 4096))
 
 
-def _time_cuda(step: Callable[[], None], warmup: int, iters: int) -> float:
+def _time_steps(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Milliseconds of each of `iters` steps after `warmup`: CUDA events on a GPU, wall time on CPU."""
     for _ in range(warmup):
         step()
     times = []
     for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            started = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - started) * 1e3)
+    return times
 
 
 def _train_step(module: nn.Module, x: torch.Tensor, call: Callable[[torch.Tensor], torch.Tensor]
@@ -104,7 +110,8 @@ def bench_moe(args: argparse.Namespace) -> dict:
         for pad in (0.0, 0.2):
             x, valid = _batch(frames, dim, pad, device)
             row = {"T": frames, "d": dim, "ffn": hidden, "pad": pad}
-            run = lambda m, f: _time_cuda(_train_step(m, x, f), args.warmup, args.iters)
+            run = lambda m, f: statistics.median(
+                _time_steps(_train_step(m, x, f), device, args.warmup, args.iters))
             row["dense"] = run(dense, lambda t: dense(t))
             row["ideal"] = args.top_k * row["dense"]
             if ds_moe is not None:
@@ -142,39 +149,21 @@ def _profile(args: argparse.Namespace) -> None:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14))
 
 
-def _time_steps(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> list[float]:
-    """Milliseconds of each of `iters` steps after `warmup` (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        return [_time_cuda(step, 0, 1) for _ in range(iters)]
-    times = []
-    for _ in range(iters):
-        started = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - started) * 1e3)
-    return times
-
-
 def bench_moe_ep(args: argparse.Namespace) -> dict:
     info = init_distributed()
+    dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
     try:
-        rows = _moe_ep_rows(args, info)
+        rows = _moe_ep_rows(args, info, dtype)
     finally:
         # Left to interpreter exit, gloo's threads abort the process (SIGABRT) after the results.
         dist.destroy_process_group()
     return {"device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
-            "dtype": str(_ep_dtype(info.device)), "experts": args.experts, "top_k": args.top_k,
+            "dtype": str(dtype), "experts": args.experts, "top_k": args.top_k,
             "rows": rows, "main": info.is_main}
 
 
-def _ep_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def _moe_ep_rows(args: argparse.Namespace, info: DistInfo) -> list[dict]:
+def _moe_ep_rows(args: argparse.Namespace, info: DistInfo, dtype: torch.dtype) -> list[dict]:
     world = dist.get_world_size()
-    dtype = _ep_dtype(info.device)
     rows = []
     for frames, dim, hidden in args.shapes:
         cfg = FeedForwardConfig(type="moe", hidden_units=hidden, dropout_rate=0.0,

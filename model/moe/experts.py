@@ -108,7 +108,7 @@ class GroupedExperts(nn.Module):
         dtype = compute_dtype(x)
         backend = select_backend(self.backend, x.device, dtype, tuple(self.w1.shape[1:]))
         if x.size(0) == 0:
-            backend = "reference"  # nothing to compute; keeps the graph linked to the weights
+            backend = "reference"  # nothing to compute: its per-expert loop runs no kernel on zero rows
         dropout = self.dropout.p if self.training else 0.0
         return ExpertFFN.apply(x, self.w1, self.b1, self.w2, self.b2, groups, GEMMS[backend],
                                self.activation_name, dropout, dtype)

@@ -109,7 +109,7 @@ def _grouped_weight_grad_kernel(x_ptr, g_ptr, dw_ptr, db_ptr, offsets_ptr, N, K,
 
 
 def grouped_rows(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, offsets: torch.Tensor,
-          transpose_w: bool) -> torch.Tensor:
+                 transpose_w: bool) -> torch.Tensor:
     num_experts = w.size(0)
     k_dim, n_dim = (w.size(2), w.size(1)) if transpose_w else (w.size(1), w.size(2))
     stride_wk, stride_wn = (w.stride(2), w.stride(1)) if transpose_w else (w.stride(1), w.stride(2))
@@ -124,14 +124,15 @@ def grouped_rows(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, offse
     return out
 
 
-def weight_grad(x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor, num_experts: int,
-                 dtype: torch.dtype, with_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    k_dim, n_dim = x.size(1), g.size(1)
-    dw = torch.empty(num_experts, k_dim, n_dim, device=x.device, dtype=dtype)
-    db = torch.empty(num_experts, n_dim, device=x.device, dtype=dtype) if with_bias else None
+def weight_grad(x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dw [E, K, N], db [E, N]) in x's dtype, E = offsets.numel()."""
+    num_experts, k_dim, n_dim = offsets.numel(), x.size(1), g.size(1)
+    dw = torch.empty(num_experts, k_dim, n_dim, device=x.device, dtype=x.dtype)
+    db = torch.empty(num_experts, n_dim, device=x.device, dtype=x.dtype)
     blocks = _WGRAD_BLOCKS
     grid = (num_experts, triton.cdiv(k_dim, blocks["BLOCK_K"]), triton.cdiv(n_dim, blocks["BLOCK_N"]))
     _grouped_weight_grad_kernel[grid](
-        x, g, dw, db if db is not None else dw, offsets, n_dim, k_dim,
-        x.stride(0), x.stride(1), g.stride(0), g.stride(1), HAS_BIAS=with_bias, **blocks)
+        x, g, dw, db, offsets, n_dim, k_dim,
+        x.stride(0), x.stride(1), g.stride(0), g.stride(1), HAS_BIAS=True, **blocks)
     return dw, db
