@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from spawn_helpers import free_port
+from spawn_helpers import free_port, send_result, spawn_ranks
 from trainer_helpers import (kill_all, prepare_corpus, run, start, train_command, train_losses,
                              wait_for)
 from u2moe.trainer.config import TrainConfig
@@ -333,6 +333,26 @@ def test_zero0_autocast_resumes_exactly_and_keeps_fp32_weights(corpus, tmp_path)
     export_model(split, tmp_path / "model.pt")
     model, _, _ = load_model_file(tmp_path / "model.pt")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def _distributed_job(rank, world, port, queue):
+    import torch.distributed as dist
+
+    from u2moe.trainer.distributed import distributed
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_PORT=str(port))
+    with distributed() as info:
+        total = torch.tensor([info.rank + 1.0])
+        dist.all_reduce(total)
+        inside = dist.is_initialized()
+    send_result(queue, rank, (float(total), inside, dist.is_initialized()))
+
+
+def test_distributed_job_tears_its_process_groups_down():
+    """The groups work inside the job and are gone after it (left to interpreter exit, gloo's
+    threads abort a finished rank with SIGABRT: spawn_ranks checks every exit status)."""
+    results = spawn_ranks(_distributed_job, 2)
+    assert results == {0: (3.0, True, False), 1: (3.0, True, False)}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -8,17 +8,17 @@ from pathlib import Path
 
 def _train(args: argparse.Namespace) -> int:
     from u2moe.config import load_config
-    from u2moe.trainer.distributed import cap_gpu_memory, init_distributed
+    from u2moe.trainer.distributed import cap_gpu_memory, distributed
     from u2moe.trainer.train import TrainPaths, run_training
 
     cfg = load_config(args.config, args.set)  # before any process group: bad keys fail fast
-    info = init_distributed()
-    cap_gpu_memory(info.device, args.max_gpu_memory_gb)
-    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
-                        format=f"%(asctime)s [rank {info.rank}] %(message)s")
-    paths = TrainPaths(args.train_shards, args.dev_shards, args.units, args.cmvn, Path(args.exp_dir),
-                       args.ds_config, args.init_model)
-    run_training(cfg, paths, info, args.max_steps, args.max_minutes)
+    with distributed() as info:
+        cap_gpu_memory(info.device, args.max_gpu_memory_gb)
+        logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
+                            format=f"%(asctime)s [rank {info.rank}] %(message)s")
+        paths = TrainPaths(args.train_shards, args.dev_shards, args.units, args.cmvn, Path(args.exp_dir),
+                           args.ds_config, args.init_model)
+        run_training(cfg, paths, info, args.max_steps, args.max_minutes)
     return 0
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -63,6 +65,21 @@ def init_distributed() -> DistInfo:
     # DeepSpeed logs every engine detail at INFO on every rank; our progress lines say what matters.
     deepspeed.utils.logger.setLevel(logging.WARNING)
     return DistInfo(int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"]), device)
+
+
+@contextmanager
+def distributed() -> Iterator[DistInfo]:
+    """`init_distributed()` for the length of a job, its process groups destroyed when the job
+    ends normally: left to interpreter exit, gloo's threads abort the process ("terminate called
+    without an active exception", SIGABRT) after the work is done, failing a finished run. After
+    an error they are left alone: the error is the exit status, and a rank whose peers died could
+    block in the teardown."""
+    import torch.distributed as dist
+
+    info = init_distributed()
+    yield info
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def cap_gpu_memory(device: torch.device, gigabytes: float | None) -> None:

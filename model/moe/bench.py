@@ -29,7 +29,7 @@ from u2moe.model.config import FeedForwardConfig
 from u2moe.model.feed_forward import PositionwiseFeedForward
 from u2moe.model.moe.all_to_all_dispatcher import ALL_TO_ALL_TIMER
 from u2moe.model.moe.layer import MoEFeedForward
-from u2moe.trainer.distributed import DistInfo, init_distributed
+from u2moe.trainer.distributed import DistInfo, distributed
 
 SHAPES = ((16384, 512, 2048), (32768, 256, 2048), (16384, 1024, 4096))
 
@@ -150,13 +150,9 @@ def _profile(args: argparse.Namespace) -> None:
 
 
 def bench_moe_ep(args: argparse.Namespace) -> dict:
-    info = init_distributed()
-    dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
-    try:
+    with distributed() as info:
+        dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
         rows = _moe_ep_rows(args, info, dtype)
-    finally:
-        # Left to interpreter exit, gloo's threads abort the process (SIGABRT) after the results.
-        dist.destroy_process_group()
     return {"device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
             "dtype": str(dtype), "experts": args.experts, "top_k": args.top_k,
             "rows": rows, "main": info.is_main}
