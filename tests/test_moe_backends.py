@@ -1,9 +1,9 @@
 """Each expert compute backend against the reference backend: forward and all gradients.
 
 On CPU, `reference` is the production path (its equality with the per-frame loop is
-tests/test_moe.py) and `grouped_mm` also runs, in fp32. The Triton kernels run only on a GPU
-(marker `gpu`, every backend in bf16): Triton 3.6's CPU interpreter fails on loops with runtime
-bounds under numpy 2.x ("only 0-dimensional arrays can be converted to Python scalars").
+tests/test_moe.py); `grouped_mm` also runs there, and the Triton kernels run in Triton's
+interpreter (tests/conftest.py), all in fp32. On a GPU (marker `gpu`) every backend runs
+compiled, in bf16: the interpreter has no bf16 arithmetic.
 """
 import pytest
 import torch
@@ -49,10 +49,11 @@ def compare_backends(backend: str, num_experts: int, top_k: int, padded: bool,
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("backend", ["grouped_mm", "triton"])
 @pytest.mark.parametrize("num_experts,top_k", CASES)
 @pytest.mark.parametrize("padded", [False, True])
-def test_grouped_mm_backend_on_cpu(num_experts, top_k, padded):
-    compare_backends("grouped_mm", num_experts, top_k, padded, "cpu", torch.float32, 1e-5, 1e-5)
+def test_backend_matches_reference_on_cpu(backend, num_experts, top_k, padded):
+    compare_backends(backend, num_experts, top_k, padded, "cpu", torch.float32, 1e-5, 1e-5)
 
 
 def test_empty_expert_groups_and_no_frames():
@@ -63,7 +64,7 @@ def test_empty_expert_groups_and_no_frames():
     x = torch.rand(2, 5, 16) + 0.1
     valid = torch.zeros(2, 5, dtype=torch.bool)
     valid[0, :3] = True
-    for backend in ("reference", "grouped_mm"):
+    for backend in ("reference", "grouped_mm", "triton"):
         moe.experts.backend = backend
         y = moe(x, valid)
         assert moe.last_tokens_per_expert.tolist() == [0, 0, 0, 3, 0, 0, 0, 0]
@@ -91,20 +92,43 @@ def test_gpu_backend_matches_reference_bf16(backend, num_experts, top_k, padded)
     compare_backends(backend, num_experts, top_k, padded, "cuda", torch.bfloat16, 2e-2, 2e-2)
 
 
+def compare_large_groups(backend: str, device: str, dtype: torch.dtype, dim: int, hidden: int,
+                         frames: int, tol: float) -> None:
+    """Many row tiles per group, uneven groups, K and N over several tiles, partial edge tiles."""
+    torch.manual_seed(0)
+    cfg = FeedForwardConfig(type="moe", hidden_units=hidden, dropout_rate=0.0, num_experts=8, top_k=2)
+    moe = MoEFeedForward(dim, cfg).to(device, dtype)
+    x = torch.randn(4, frames, dim, device=device, dtype=dtype)
+    lengths = torch.tensor([[frames], [frames * 3 // 4], [frames // 9], [1]], device=device)
+    valid = torch.arange(frames, device=device)[None] < lengths
+    grad_out = torch.randn_like(x)
+    ref = run_backend(moe, "reference", x, valid, grad_out)
+    got = run_backend(moe, backend, x, valid, grad_out)
+    assert int(moe.last_tokens_per_expert.min()) > 128  # more than one 128-row tile per group
+    for g, r in zip(got, ref):
+        # Relative to the tensor's scale: rounding of long reductions.
+        scale = r.float().abs().max().clamp_min(1e-6)
+        assert ((g.float() - r.float()).abs().max() / scale) < tol
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "triton"])
+def test_backend_large_groups_on_cpu(backend):
+    compare_large_groups(backend, "cpu", torch.float32, dim=48, hidden=160, frames=360, tol=1e-5)
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_every_triton_tile_shape_on_cpu(index, monkeypatch):
+    """Each tile shape the autotuner may pick on a GPU (the interpreter runs only the first)."""
+    from u2moe.model.moe import triton_grouped_gemm as tgg
+
+    assert len(tgg._ROWS_CONFIGS) == len(tgg._WGRAD_CONFIGS) == 6
+    monkeypatch.setattr(tgg._grouped_rows_kernel, "configs", [tgg._ROWS_CONFIGS[index]])
+    monkeypatch.setattr(tgg._grouped_weight_grad_kernel, "configs", [tgg._WGRAD_CONFIGS[index]])
+    compare_large_groups("triton", "cpu", torch.float32, dim=48, hidden=160, frames=360, tol=1e-5)
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("backend", ["grouped_mm", "triton"])
 def test_gpu_backend_large_groups_bf16(backend):
-    """Shapes of the benchmark scale: many tiles per group, uneven groups, K and N multi-tile."""
-    torch.manual_seed(0)
-    cfg = FeedForwardConfig(type="moe", hidden_units=512, dropout_rate=0.0, num_experts=8, top_k=2)
-    moe = MoEFeedForward(256, cfg).to("cuda", torch.bfloat16)
-    x = torch.randn(4, 700, 256, device="cuda", dtype=torch.bfloat16)
-    valid = torch.arange(700, device="cuda")[None] < torch.tensor([[700], [513], [77], [1]], device="cuda")
-    grad_out = torch.randn_like(x)
-    ref = run_backend(moe, "reference", x, valid, grad_out)
-    got = run_backend(moe, backend, x, valid, grad_out)
-    for g, r in zip(got, ref):
-        # Relative to the tensor's scale: bf16 rounding of long reductions.
-        scale = r.float().abs().max().clamp_min(1e-6)
-        assert ((g.float() - r.float()).abs().max() / scale) < 2e-2
+    compare_large_groups(backend, "cuda", torch.bfloat16, dim=256, hidden=512, frames=700, tol=2e-2)

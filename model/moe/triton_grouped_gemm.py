@@ -17,12 +17,36 @@ import torch
 import triton
 import triton.language as tl
 
-# One configuration per kernel, picked for d/FFN in 256..4096 on sm80-sm90; no autotuning, so
-# that the first step does not pay for a sweep.
-_ROWS_BLOCKS = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
-_WGRAD_BLOCKS = dict(BLOCK_M=64, BLOCK_K=128, BLOCK_N=128, num_warps=8, num_stages=3)
+
+def _configs(blocks: list[tuple[int, int, int, int, int]], names: tuple[str, str, str]
+             ) -> list[triton.Config]:
+    """(three block sizes, num_warps, num_stages) tuples -> triton.Config list."""
+    return [triton.Config(dict(zip(names, b[:3])), num_warps=b[3], num_stages=b[4]) for b in blocks]
 
 
+# Tile shapes timed on the first call for each layer shape (the autotuning keys below), the
+# fastest kept for the run: the consumer cards this path serves (sm80/86/89) differ in shared
+# memory and SM count, and one fixed tile left the weight-gradient kernel with too few programs
+# at d=512 (docs/moe.md). Shapes too large for a card's shared memory are skipped by Triton.
+# The first entry of each list is the former fixed choice.
+_ROWS_CONFIGS = _configs([(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+                          (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)],
+                         ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+_WGRAD_CONFIGS = _configs([(64, 128, 128, 8, 3), (64, 64, 128, 4, 3), (64, 128, 64, 4, 3),
+                           (64, 64, 64, 4, 4), (128, 64, 64, 4, 3), (32, 128, 128, 8, 4)],
+                          ("BLOCK_M", "BLOCK_K", "BLOCK_N"))
+
+
+def _autotune(configs: list[triton.Config], key: list[str]):
+    # Triton's CPU interpreter (the tests on machines without a GPU) cannot time kernels; there
+    # the first configuration runs (tests/test_moe_backends.py runs each one in turn).
+    if triton.knobs.runtime.interpret:
+        configs = configs[:1]
+    # cache_results: the choice is kept on disk with Triton's kernel cache, so later runs skip the timing.
+    return triton.autotune(configs, key=key, cache_results=True)
+
+
+@_autotune(_ROWS_CONFIGS, key=["N", "K", "stride_wn", "NUM_EXPERTS", "HAS_BIAS"])
 @triton.jit
 def _grouped_rows_kernel(x_ptr, w_ptr, b_ptr, out_ptr, offsets_ptr, M, N, K,
                          stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_om,
@@ -72,6 +96,7 @@ def _grouped_rows_kernel(x_ptr, w_ptr, b_ptr, out_ptr, offsets_ptr, M, N, K,
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+@_autotune(_WGRAD_CONFIGS, key=["N", "K"])
 @triton.jit
 def _grouped_weight_grad_kernel(x_ptr, g_ptr, dw_ptr, db_ptr, offsets_ptr, N, K,
                                 stride_xm, stride_xk, stride_gm, stride_gn,
@@ -114,13 +139,14 @@ def grouped_rows(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, offse
     k_dim, n_dim = (w.size(2), w.size(1)) if transpose_w else (w.size(1), w.size(2))
     stride_wk, stride_wn = (w.stride(2), w.stride(1)) if transpose_w else (w.stride(1), w.stride(2))
     out = torch.empty(x.size(0), n_dim, device=x.device, dtype=x.dtype)
-    blocks = _ROWS_BLOCKS
-    grid = (triton.cdiv(x.size(0), blocks["BLOCK_M"]) + num_experts,
-            triton.cdiv(n_dim, blocks["BLOCK_N"]))
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return (triton.cdiv(x.size(0), meta["BLOCK_M"]) + num_experts, triton.cdiv(n_dim, meta["BLOCK_N"]))
+
     _grouped_rows_kernel[grid](
         x, w, b if b is not None else w, out, offsets, x.size(0), n_dim, k_dim,
         x.stride(0), x.stride(1), w.stride(0), stride_wk, stride_wn, out.stride(0),
-        NUM_EXPERTS=num_experts, HAS_BIAS=b is not None, **blocks)
+        NUM_EXPERTS=num_experts, HAS_BIAS=b is not None)
     return out
 
 
@@ -130,9 +156,11 @@ def weight_grad(x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor
     num_experts, k_dim, n_dim = offsets.numel(), x.size(1), g.size(1)
     dw = torch.empty(num_experts, k_dim, n_dim, device=x.device, dtype=x.dtype)
     db = torch.empty(num_experts, n_dim, device=x.device, dtype=x.dtype)
-    blocks = _WGRAD_BLOCKS
-    grid = (num_experts, triton.cdiv(k_dim, blocks["BLOCK_K"]), triton.cdiv(n_dim, blocks["BLOCK_N"]))
+
+    def grid(meta: dict) -> tuple[int, int, int]:
+        return (num_experts, triton.cdiv(k_dim, meta["BLOCK_K"]), triton.cdiv(n_dim, meta["BLOCK_N"]))
+
     _grouped_weight_grad_kernel[grid](
         x, g, dw, db, offsets, n_dim, k_dim,
-        x.stride(0), x.stride(1), g.stride(0), g.stride(1), HAS_BIAS=True, **blocks)
+        x.stride(0), x.stride(1), g.stride(0), g.stride(1), HAS_BIAS=True)
     return dw, db
