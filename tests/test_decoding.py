@@ -189,6 +189,21 @@ def test_every_mode_decodes_a_padded_batch_as_each_utterance_alone(preset, chunk
             assert batched[mode][b] == alone[mode][0], mode
 
 
+def test_batch_fbank_is_each_utterance_alone_zero_padded():
+    from u2moe.data_prep.config import DataConfig
+    from u2moe.data_prep.features import compute_fbank
+    from u2moe.model.decoding.data import batch_fbank
+
+    cfg = DataConfig()
+    g = torch.Generator().manual_seed(4)
+    waves = [torch.rand(n, generator=g) * 2 - 1 for n in (16000, 5000, 11999)]
+    feats, lengths = batch_fbank(waves, cfg)
+    assert feats.dtype == torch.float32 and lengths.tolist() == [98, 29, 73]
+    for i, wave in enumerate(waves):
+        torch.testing.assert_close(feats[i, :lengths[i]], compute_fbank(wave, cfg.fbank, cfg.sample_rate, 0.0))
+        assert (feats[i, lengths[i]:] == 0).all()
+
+
 def test_score_counts_against_hand_computed_edits():
     s = score(["A B C", "X Y"], ["A C D", ""])
     # Words: A=, B deleted, C=, D inserted -> or B->C sub, C->D sub; jiwer's alignment: 2 S.
@@ -244,7 +259,7 @@ def test_decode_command_writes_hypotheses_and_scores(tmp_path):
 
 def _feats_of(data, keys):
     from u2moe.data_prep.config import DataConfig
-    from u2moe.model.decoding.data import fbank, pad_features
+    from u2moe.model.decoding.data import batch_fbank
 
     waves = [torch.from_numpy(sf.read(data / "audio" / f"{k}.wav", dtype="float32")[0]) for k in keys]
-    return pad_features([fbank(w, DataConfig()) for w in waves])
+    return batch_fbank(waves, DataConfig())

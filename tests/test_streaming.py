@@ -4,7 +4,7 @@ import torch
 
 from decoding_helpers import chirp, tiny_model, units_for
 from u2moe.data_prep.config import DataConfig
-from u2moe.model.decoding.data import fbank, pad_features
+from u2moe.model.decoding.data import batch_fbank
 from u2moe.model.decoding.search import DecodeOptions, decode_batch
 from u2moe.model.streaming import EncoderStream, StreamingRecognizer, encode_chunk_by_chunk
 from u2moe.model.streaming.fbank_stream import FbankStream
@@ -45,7 +45,7 @@ def test_fbank_stream_equals_fbank_of_the_whole_waveform():
     wave = chirp(1.3, 0)
     stream = FbankStream(cfg)
     pieces = [stream.accept(p) for p in wave.split([100, 4000, 7, 9000, wave.numel() - 13107])]
-    torch.testing.assert_close(torch.cat(pieces), fbank(wave, cfg))
+    torch.testing.assert_close(torch.cat(pieces), batch_fbank([wave], cfg)[0][0])
 
 
 @pytest.mark.parametrize("preset", ["tiny_dense", "tiny_moe"])
@@ -55,7 +55,7 @@ def test_recognizer_finalizes_to_the_simulated_streaming_result(preset):
     cfg = DataConfig()
     wave = chirp(1.7, 1)
     opts = DecodeOptions(beam=4, chunk_size=4, left_chunks=2)
-    feats, lens = pad_features([fbank(wave, cfg)])
+    feats, lens = batch_fbank([wave], cfg)
     expected = decode_batch(model, feats, lens, ["ctc_prefix_beam", "attention_rescoring"], opts)
     rec = StreamingRecognizer(model, units, cfg, chunk_size=4, num_left_chunks=2, beam=4)
 

@@ -280,7 +280,7 @@ def measure_rtf(model_path: Path, shards: Path, max_utts: int) -> dict:
 
     from u2moe.data_prep.stats import DataStats
     from u2moe.model.checkpoint import load_model_file
-    from u2moe.model.decoding.data import decoding_data_config, fbank, pad_features, read_utterances
+    from u2moe.model.decoding.data import batch_fbank, decoding_data_config, read_utterances
     from u2moe.model.decoding.search import DecodeOptions, decode_batch
 
     threads = torch.get_num_threads()
@@ -296,13 +296,13 @@ def measure_rtf(model_path: Path, shards: Path, max_utts: int) -> dict:
         rtf = {}
         with torch.inference_mode():
             for mode in MODES:
-                feats, lengths = pad_features([fbank(warmup.wave, data_cfg)])
+                feats, lengths = batch_fbank([warmup.wave], data_cfg)
                 decode_batch(model, feats, lengths, [mode], opts)
                 elapsed = 0.0
                 for utt in tqdm(timed, desc=f"RTF {mode}", unit="utt", file=sys.stdout, mininterval=1.0,
                                 leave=False):
                     start = time.perf_counter()
-                    feats, lengths = pad_features([fbank(utt.wave, data_cfg)])
+                    feats, lengths = batch_fbank([utt.wave], data_cfg)
                     decode_batch(model, feats, lengths, [mode], opts)
                     elapsed += time.perf_counter() - start
                 rtf[mode] = elapsed / seconds

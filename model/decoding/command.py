@@ -12,7 +12,7 @@ from u2moe.data_prep.tokenizer import Tokenizer
 from u2moe.model.checkpoint import load_model_file
 from u2moe.model.decoding.arguments import options
 from u2moe.data_prep.batching import static_batches
-from u2moe.model.decoding.data import decoding_data_config, fbank, pad_features, read_utterances
+from u2moe.model.decoding.data import batch_fbank, decoding_data_config, read_utterances
 from u2moe.model.decoding.device import model_dtype, prepare_model
 from u2moe.model.decoding.scoring import score
 from u2moe.model.decoding.search import check_modes, decode_batch
@@ -39,8 +39,8 @@ def run_decode(args: argparse.Namespace) -> int:
     try:
         utts = read_utterances(data_cfg, stats, shards=args.shards, data_dir=args.data_dir)
         for batch in static_batches(utts, args.batch_size):
-            feats, lengths = pad_features([fbank(u.wave, data_cfg) for u in batch])
-            result = decode_batch(model, feats.to(args.device, dtype), lengths.to(args.device), modes, opts)
+            feats, lengths = batch_fbank([u.wave for u in batch], data_cfg, args.device)
+            result = decode_batch(model, feats.to(dtype), lengths, modes, opts)
             for m in modes:
                 for utt, ids in zip(batch, result[m]):
                     text = tokenizer.decode(ids)

@@ -18,7 +18,7 @@ import torch
 from u2moe.data_prep import audio
 from u2moe.data_prep.config import BatchConfig, DataConfig, FilterConfig
 from u2moe.data_prep.errors import DataPrepError
-from u2moe.data_prep.features import compute_fbank
+from u2moe.data_prep.features import fbank_module
 from u2moe.data_prep.kaldi_dir import read_kaldi_dir
 from u2moe.data_prep.sample_processor import SampleProcessor
 from u2moe.data_prep.shard_reader import RawUtterance, read_shard
@@ -42,9 +42,14 @@ def decoding_data_config(experiment_config: dict[str, Any] | None, source: str =
     return dataclasses.replace(cfg, filter=unlimited, batch=BatchConfig(), device_features=True)
 
 
-def fbank(wave: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
-    """[T, mel] evaluation features (no dither) of one waveform."""
-    return compute_fbank(wave, cfg.fbank, cfg.sample_rate, dither=0.0)
+def batch_fbank(waves: list[torch.Tensor], cfg: DataConfig, device: torch.device | str = "cpu"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(feats [B, T, mel] float32, zero-padded as the data pipeline's batches are; lengths [B]) on
+    `device`, without dither. The waveforms go there padded, in one copy, and their fbank is
+    computed there as one batch: on a GPU no per-utterance feature work is left on the host."""
+    lengths = torch.tensor([w.numel() for w in waves], dtype=torch.long)
+    wavs = torch.nn.utils.rnn.pad_sequence(list(waves), batch_first=True).to(device)
+    return fbank_module(cfg.fbank, cfg.sample_rate, str(wavs.device))(wavs, lengths.to(wavs.device))
 
 
 def _raw_from_data_dir(data_dir: Path, stats: DataStats) -> Iterator[RawUtterance]:
@@ -84,9 +89,3 @@ def read_utterances(cfg: DataConfig, stats: DataStats, *, shards: str | None = N
             continue
         count += 1
         yield AudioUtterance(raw.key, text, sample.wave, sample.duration)
-
-
-def pad_features(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(feats [B, T, mel] zero-padded, lengths [B]) as the data pipeline's batches hold them."""
-    lengths = torch.tensor([f.size(0) for f in feats], dtype=torch.long)
-    return torch.nn.utils.rnn.pad_sequence(feats, batch_first=True), lengths

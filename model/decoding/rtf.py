@@ -131,13 +131,13 @@ def run_rtf(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
 def _decode_group(model, group, mode: str, opts, data_cfg, ref_lengths: dict[str, int], device: str) -> None:
     from u2moe.model.decoding.ctc_greedy import ctc_greedy_search
     from u2moe.model.decoding.ctc_prefix_beam import ctc_prefix_beam_search
-    from u2moe.model.decoding.data import fbank, pad_features
+    from u2moe.model.decoding.data import batch_fbank
     from u2moe.model.decoding.device import model_dtype
     from u2moe.model.decoding.rescoring import attention_rescoring
     from u2moe.model.decoding.search import encode
 
-    feats, lengths = pad_features([fbank(u.wave, data_cfg) for u in group])
-    memory, valid = encode(model, feats.to(device, model_dtype(model)), lengths.to(device), opts)
+    feats, lengths = batch_fbank([u.wave for u in group], data_cfg, device)
+    memory, valid = encode(model, feats.to(model_dtype(model)), lengths, opts)
     out_lengths = valid.sum(dim=1)
     log_probs = model.ctc.log_softmax(memory)
     if mode == "ctc_greedy":
