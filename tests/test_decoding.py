@@ -72,6 +72,50 @@ def test_prefix_beam_is_resumable_and_batched():
         assert search.nbest() == batched[b]
 
 
+def _plain_prefix_beam(log_probs, beam, blank):
+    """The textbook prefix beam search, one dict of candidates per frame, numpy's logaddexp."""
+    import numpy as np
+
+    prefixes = {(): (0.0, -math.inf)}
+    for row in log_probs:
+        lps, ids = row.topk(min(beam, row.numel()))
+        nxt = {}
+        for unit, lp in zip(ids.tolist(), lps.tolist()):
+            for prefix, (pb, pnb) in prefixes.items():
+                total = np.logaddexp(pb, pnb)
+                if unit == blank:
+                    s = nxt.setdefault(prefix, [-math.inf, -math.inf])
+                    s[0] = np.logaddexp(s[0], total + lp)
+                    continue
+                if prefix and unit == prefix[-1]:
+                    s = nxt.setdefault(prefix, [-math.inf, -math.inf])
+                    s[1] = np.logaddexp(s[1], pnb + lp)
+                    s = nxt.setdefault(prefix + (unit,), [-math.inf, -math.inf])
+                    s[1] = np.logaddexp(s[1], pb + lp)
+                else:
+                    s = nxt.setdefault(prefix + (unit,), [-math.inf, -math.inf])
+                    s[1] = np.logaddexp(s[1], total + lp)
+        scored = sorted(((np.logaddexp(*v), k, v) for k, v in nxt.items() if np.logaddexp(*v) > -math.inf),
+                        key=lambda x: x[0], reverse=True)
+        prefixes = {k: tuple(v) for _, k, v in scored[:beam]}
+    return sorted(((list(k), float(np.logaddexp(*v))) for k, v in prefixes.items()), key=lambda h: -h[1])
+
+
+@pytest.mark.parametrize("beam,blank,peaky", [(1, 0, True), (4, 0, False), (10, 0, True), (10, 3, False), (16, 0, True)])
+def test_prefix_beam_equals_the_textbook_search(beam, blank, peaky):
+    g = torch.Generator().manual_seed(beam + blank)
+    logits = torch.randn(60, 12, generator=g)
+    if peaky:  # a trained model's shape: mostly blank, now and then one clear unit
+        spike = torch.where(torch.rand(60, generator=g) < 0.6, blank, torch.randint(0, 12, (60,), generator=g))
+        logits[torch.arange(60), spike] += 6.0
+    log_probs = logits.log_softmax(-1)
+    search = CtcPrefixBeamSearch(beam, blank)
+    search.step(log_probs)
+    got, expected = search.nbest(), _plain_prefix_beam(log_probs, beam, blank)
+    assert [h for h, _ in got] == [h for h, _ in expected]
+    assert [s for _, s in got] == pytest.approx([s for _, s in expected], abs=1e-9)
+
+
 def _direct_sequence_logp(decoder, memory, tokens, sos):
     """log P(tokens <eos>) with the decoder run on this one sequence, no padding."""
     ys_in = torch.tensor([[sos] + tokens])

@@ -6,6 +6,7 @@ units are expanded, and the `beam` best prefixes survive (WeNet's algorithm).
 """
 from __future__ import annotations
 
+import heapq
 import math
 
 import torch
@@ -43,30 +44,59 @@ class CtcPrefixBeamSearch:
             self._frame(lps, ids)
 
     def _frame(self, lps: list[float], ids: list[int]) -> None:
-        nxt: dict[tuple[int, ...], list[float]] = {}
+        # Candidates are the beam's own prefixes (reached through blank, a repeat, or extension
+        # of their parent when it is in the beam too) and new prefixes: one beam prefix plus one
+        # unit. A new prefix has exactly one path into it, so its score is known at once; it is
+        # only built as a tuple if it survives. Ties keep the order in which candidates are first
+        # reached (units outer, beam prefixes inner), as a stable sort of one dict of all would.
+        beam = list(self.prefixes.items())
+        index = {prefix: i for i, (prefix, _) in enumerate(beam)}
+        child: dict[tuple[int, int], int] = {}  # (parent's index, unit) -> the child's index
+        for j, (prefix, _) in enumerate(beam):
+            parent = index.get(prefix[:-1]) if prefix else None
+            if parent is not None:
+                child[(parent, prefix[-1])] = j
+        totals = [_logaddexp(pb, pnb) for _, (pb, pnb) in beam]
+        kept: dict[int, list[float]] = {}  # beam index -> [pb, pnb, first reached]
+        fresh: list[tuple[float, int, int, int]] = []  # (score, first reached, parent index, unit)
+        order = 0
 
-        def add(prefix: tuple[int, ...], which: int, logp: float) -> None:
-            s = nxt.get(prefix)
+        def reach(j: int, which: int, logp: float) -> None:
+            nonlocal order
+            s = kept.get(j)
             if s is None:
-                nxt[prefix] = [logp, _NEG_INF] if which == 0 else [_NEG_INF, logp]
-            else:
-                s[which] = _logaddexp(s[which], logp)
+                kept[j] = s = [_NEG_INF, _NEG_INF, order]
+                order += 1
+            s[which] = _logaddexp(s[which], logp)
 
-        # Each prefix's total (blank- plus unit-ending paths), once per frame, not once per unit.
-        prefixes = [(prefix, pb, pnb, _logaddexp(pb, pnb)) for prefix, (pb, pnb) in self.prefixes.items()]
         for unit, lp in zip(ids, lps):
-            for prefix, pb, pnb, total in prefixes:
+            for i, (prefix, (pb, pnb)) in enumerate(beam):
                 if unit == self.blank_id:
-                    add(prefix, 0, total + lp)
-                elif prefix and unit == prefix[-1]:
-                    add(prefix, 1, pnb + lp)  # the repeat collapses onto the same prefix
-                    add(prefix + (unit,), 1, pb + lp)  # a blank in between makes it a new unit
+                    reach(i, 0, totals[i] + lp)
+                    continue
+                if prefix and unit == prefix[-1]:
+                    reach(i, 1, pnb + lp)  # the repeat collapses onto the same prefix
+                    logp = pb + lp  # a blank in between makes it a new unit
                 else:
-                    add(prefix + (unit,), 1, total + lp)
-        scored = [(_logaddexp(pb, pnb), prefix, (pb, pnb)) for prefix, (pb, pnb) in nxt.items()]
-        # A repeat after a prefix that has no blank-ending path creates an impossible prefix.
-        scored = sorted((s for s in scored if s[0] > _NEG_INF), key=lambda s: s[0], reverse=True)
-        self.prefixes = {prefix: probs for _, prefix, probs in scored[:self.beam]}
+                    logp = totals[i] + lp
+                j = child.get((i, unit))
+                if j is not None:
+                    reach(j, 1, logp)
+                else:
+                    fresh.append((logp, order, i, unit))
+                    order += 1
+        candidates = [(_logaddexp(pb, pnb), first, j, -1) for j, (pb, pnb, first) in kept.items()]
+        candidates += fresh
+        # A repeat after a prefix that has no blank-ending path gives an impossible prefix.
+        best = heapq.nsmallest(self.beam, ((-score, first, i, unit) for score, first, i, unit in candidates
+                                           if score > _NEG_INF))
+        self.prefixes = {}
+        for neg_score, _, i, unit in best:
+            if unit < 0:
+                pb, pnb, _ = kept[i]
+                self.prefixes[beam[i][0]] = (pb, pnb)
+            else:
+                self.prefixes[beam[i][0] + (unit,)] = (_NEG_INF, -neg_score)
 
     def nbest(self) -> list[tuple[list[int], float]]:
         """(unit ids, CTC log probability) of the surviving prefixes, best first."""
