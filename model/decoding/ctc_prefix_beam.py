@@ -39,8 +39,11 @@ class CtcPrefixBeamSearch:
         """Consume frames log_probs [T, V] (one utterance)."""
         if log_probs.size(0) == 0:
             return
-        top_lp, top_ids = log_probs.float().topk(min(self.beam, log_probs.size(1)), dim=-1)
-        for lps, ids in zip(top_lp.cpu().tolist(), top_ids.cpu().tolist()):
+        self.step_top_units(*_top_units(log_probs, self.beam))
+
+    def step_top_units(self, top_lp: list[list[float]], top_ids: list[list[int]]) -> None:
+        """Consume frames given as each frame's `beam` best units (log probability, id), best first."""
+        for lps, ids in zip(top_lp, top_ids):
             self._frame(lps, ids)
 
     def _frame(self, lps: list[float], ids: list[int]) -> None:
@@ -107,9 +110,17 @@ class CtcPrefixBeamSearch:
 def ctc_prefix_beam_search(log_probs: torch.Tensor, lengths: torch.Tensor, beam: int,
                            blank_id: int = 0) -> list[list[tuple[list[int], float]]]:
     """log_probs [B, T, V], lengths [B] -> each utterance's n-best (ids, CTC score), best first."""
+    # One top-k and one copy to the host for the whole batch (on a GPU: one sync, not one each).
+    top_lp, top_ids = _top_units(log_probs, beam)
     results = []
-    for lp, n in zip(log_probs, lengths.tolist()):
+    for lps, ids, n in zip(top_lp, top_ids, lengths.tolist()):
         search = CtcPrefixBeamSearch(beam, blank_id)
-        search.step(lp[:n])
+        search.step_top_units(lps[:n], ids[:n])
         results.append(search.nbest())
     return results
+
+
+def _top_units(log_probs: torch.Tensor, beam: int) -> tuple[list, list]:
+    """The `beam` most likely units of each frame of log_probs [..., V], as host lists."""
+    top_lp, top_ids = log_probs.float().topk(min(beam, log_probs.size(-1)), dim=-1)
+    return top_lp.cpu().tolist(), top_ids.cpu().tolist()
