@@ -62,6 +62,38 @@ def test_moe_export_path_equals_reference():
     assert torch.equal(out[~valid], torch.zeros_like(out[~valid]))
 
 
+def test_scripted_moe_layer_runs_only_the_chosen_experts_and_equals_pytorch():
+    """TorchScript's MoE path (GroupedExperts.forward_sparse) against the training path in eval
+    mode, with padding, without it, and with experts that get no frame."""
+    model = tiny_model("tiny_moe")
+    moe = next(m for m in model.modules() if isinstance(m, MoEFeedForward))
+    scripted = torch.jit.script(moe)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 11, 128, generator=g)
+    valid = torch.arange(11).unsqueeze(0) < torch.tensor([[11], [6], [1]])
+    with torch.no_grad():
+        for mask in (valid, None):
+            torch.testing.assert_close(scripted(x, mask), moe(x, mask), rtol=1e-5, atol=1e-6)
+        one = x[:1, :1]  # one frame: six of the eight experts get nothing
+        torch.testing.assert_close(scripted(one, None), moe(one, None), rtol=1e-5, atol=1e-6)
+        assert torch.equal(scripted(x, valid)[~valid], torch.zeros_like(x[~valid]))
+    # Sparse, unlike the graph exporters' path (every expert on every frame): one frame costs
+    # two matrix products per chosen expert, none for the others.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountProducts(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountProducts.calls += func.name().split("::")[-1].split(".")[0] in ("addmm", "mm", "bmm")
+            return func(*args, **(kwargs or {}))
+
+    chosen = set(moe.router.select(one.reshape(1, -1))[0].flatten().tolist())
+    with torch.no_grad(), CountProducts():
+        scripted(one, None)
+    assert len(chosen) == 2 and CountProducts.calls == 1 + 2 * len(chosen)  # the router's, then the experts'
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_torchscript_entry_points_equal_pytorch(preset, tmp_path):
     model = small(preset)

@@ -8,8 +8,9 @@ step, CTC head, attention decoder), dense and MoE (docs/decoding.md, "Export").
   ctc.onnx, decoder.onnx.
 - `command`: `u2moe export-runtime`.
 
-MoE layers take their export path (`model/moe`: every expert on every frame, the top-k
-outputs picked after), a static graph with the same math as the training path.
+MoE layers, scripted, run only the experts each frame chose (`MoEFeedForward._forward_scripted`);
+traced for ONNX they take the export path (every expert on every frame, the top-k outputs picked
+after), a static graph. Both have the training path's math.
 """
 from u2moe.model.export.torchscript import RuntimeModule, export_torchscript, use_export_experts
 

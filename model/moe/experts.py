@@ -113,6 +113,24 @@ class GroupedExperts(nn.Module):
         return ExpertFFN.apply(x, self.w1, self.b1, self.w2, self.b2, groups, GEMMS[backend],
                                self.activation_name, dropout, dtype)
 
+    def forward_sparse(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+                       ) -> torch.Tensor:
+        """Inference, scriptable: x [N, dim] unpermuted, expert_ids / weights [N, k] from the router
+        -> [N, dim]. Each expert runs on its own (frame, slot) pairs, taken in the order the
+        training path's stable sort gives them, and the k outputs of a frame are weighted and
+        summed in slot order: the training path's arithmetic (the reference backend's products)
+        without its autograd nodes."""
+        pairs = x.new_zeros(expert_ids.size(0), expert_ids.size(1), x.size(1))
+        for e in range(self.num_experts):
+            picked = (expert_ids == e).nonzero()  # (frame, slot) pairs, in frame order
+            if picked.size(0) == 0:
+                continue
+            frames, slots = picked[:, 0], picked[:, 1]
+            h = self.dropout(self.activation(torch.addmm(self.b1[e], x.index_select(0, frames), self.w1[e])))
+            pairs[frames, slots] = torch.addmm(self.b2[e], h, self.w2[e])
+        return (pairs * weights.to(pairs.dtype).unsqueeze(2)).sum(dim=1)
+
+    @torch.jit.unused
     def forward_top_k(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
                       ) -> torch.Tensor:
         """The export path: x [N, dim] unpermuted, expert_ids / weights [N, k] from the router ->

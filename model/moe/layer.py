@@ -14,6 +14,10 @@ from u2moe.model.moe.router import TopKRouter
 
 
 class MoEFeedForward(nn.Module):
+    # Training-side bookkeeping, not part of a scripted model: once a forward has run, the
+    # property's ExpertGroups has no TorchScript type and scripting the model would fail.
+    __jit_unused_properties__ = ["last_tokens_per_expert"]
+
     def __init__(self, dim: int, cfg: FeedForwardConfig):
         super().__init__()
         self.num_experts = cfg.num_experts
@@ -47,12 +51,27 @@ class MoEFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, D]; valid [B, T] (True = real frame). Padded frames get exactly zero output."""
-        if torch.jit.is_scripting() or self.experts.backend == "export":
+        if torch.jit.is_scripting():
+            return self._forward_scripted(x, valid)
+        if self.experts.backend == "export":
             return self._forward_export(x, valid)
         return self._forward_dispatch(x, valid)
 
+    def _forward_scripted(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """Inference under TorchScript (WeNet's C++ runtime): the training path's routing and
+        arithmetic, each expert on its own frames only (GroupedExperts.forward_sparse), written
+        without the autograd nodes and host-side group sizes that scripting cannot hold."""
+        flat = x.reshape(-1, x.size(-1))
+        if valid is None:
+            return self.experts.forward_sparse(flat, *self.router.select(flat)).view_as(x)
+        index = valid.reshape(-1).nonzero().squeeze(1)
+        tokens = flat.index_select(0, index)
+        y = self.experts.forward_sparse(tokens, *self.router.select(tokens))
+        return flat.new_zeros(flat.shape).index_copy(0, index, y).view_as(x)
+
+    @torch.jit.unused
     def _forward_export(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        """Inference as a static graph, for TorchScript and ONNX: every frame is routed and run
+        """Inference as a static graph, for graph exporters (ONNX): every frame is routed and run
         through all experts (GroupedExperts.forward_top_k); padded frames are zeroed after.
         Sets neither the routed groups nor `aux_loss`."""
         flat = x.reshape(-1, x.size(-1))
