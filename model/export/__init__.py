@@ -8,9 +8,8 @@ step, CTC head, attention decoder), dense and MoE (docs/decoding.md, "Export").
   ctc.onnx, decoder.onnx.
 - `command`: `u2moe export-runtime`.
 
-MoE layers, scripted, run only the experts each frame chose (`MoEFeedForward._forward_scripted`);
-traced for ONNX they take the export path (every expert on every frame, the top-k outputs picked
-after), a static graph. Both have the training path's math.
+MoE layers, scripted or traced for ONNX, run only the experts each frame chose
+(`MoEFeedForward._forward_inference`), with the training path's math.
 """
 from u2moe.model.export.torchscript import RuntimeModule, export_torchscript, use_export_experts
 

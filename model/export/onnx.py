@@ -16,7 +16,8 @@ Three files, named, laid out and tagged as WeNet's `wenet/bin/export_onnx_cpu.py
   encoder_out [1, T, D] -> score, r_score [N, L, V] log-softmax of both decoders (r_score only
   with a right-to-left decoder; the inputs are as `RuntimeModule.forward_attention_decoder`).
 
-MoE layers take their export path (use_export_experts). Exported with the dynamo exporter
+MoE layers take their exporters' path (use_export_experts: only the chosen experts run, as
+loops over the experts with data-dependent row counts). Exported with the dynamo exporter
 (`torch.onnx.export(..., dynamo=True)`), opset 18; needs `onnx` and `onnxscript`, and
 `onnxruntime` to check the files.
 """
@@ -152,7 +153,9 @@ def export_onnx(model: U2Model, out_dir: str | Path, chunk_size: int = 16, left_
         dim = model.cfg.encoder.output_size
         _export(CtcActivation(model), (torch.zeros(1, chunk_size, dim),), paths["ctc"], ["hidden"],
                 ["probs"], {"hidden": {1: Dim("T", min=1)}}, meta, optimize)
-        beam, length = Dim("N", min=1), Dim("L", min=2)
+        # Upper bounds keep torch.export's size arithmetic for the MoE layers' data-dependent
+        # groups (at most N * L * k rows) inside int64.
+        beam, length = Dim("N", min=1, max=4096), Dim("L", min=2, max=4096)
         decoder = AttentionDecoder(model)
         hyps = torch.full((3, 6), model.sos, dtype=torch.long)
         hyps_lens = torch.tensor([6, 4, 2])

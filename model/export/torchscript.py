@@ -18,8 +18,8 @@ Deviations from WeNet, all invisible to its runtime:
 - The module is a wrapper around the trained model's submodules (encoder, CTC head, the two
   decoders), not the training module itself: `forward` is the full-context encoder plus CTC
   (what offline decoding starts from), not the training loss.
-- MoE layers run their scripted path (`MoEFeedForward._forward_scripted`): the training path's
-  routing and arithmetic, each expert on its own frames only.
+- MoE layers run their exporters' path (`MoEFeedForward._forward_inference`): the training
+  path's routing and arithmetic, each expert on its own frames only.
 """
 from __future__ import annotations
 
@@ -36,9 +36,8 @@ from u2moe.model.asr_model import U2Model
 
 @contextlib.contextmanager
 def use_export_experts(model: nn.Module) -> Iterator[None]:
-    """Within the block every MoE layer of `model` takes its export path, the static graph that
-    tracing exporters (ONNX) need; the old backends come back after. TorchScript does not use it:
-    scripted MoE layers run only the chosen experts."""
+    """Within the block every MoE layer of `model` takes its exporters' path, which tracing
+    exporters (ONNX) need (TorchScript takes it by itself); the old backends come back after."""
     from u2moe.model.moe import MoEFeedForward
 
     layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]

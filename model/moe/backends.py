@@ -20,8 +20,8 @@ from typing import Literal
 import torch
 
 Backend = Literal["reference", "grouped_mm", "triton"]
-# "export" is not a grouped linear layer: it makes `MoEFeedForward` take the static-graph path
-# below (every expert on every frame, top-k picked after), used for TorchScript and ONNX export.
+# "export" is not a grouped linear layer: it makes `MoEFeedForward` take its exporters' inference
+# path (GroupedExperts.forward_sparse), the one TorchScript and ONNX export.
 BACKEND_CHOICES = ("auto", "reference", "grouped_mm", "triton", "export")
 
 
@@ -132,27 +132,6 @@ class TritonGemm(GroupedGemm):
         from u2moe.model.moe.triton_grouped_gemm import weight_grad
 
         return weight_grad(x, grad, groups.offsets)
-
-
-def all_experts_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The export path's linear layer: y[e] = x @ w[e] + b[e] for every expert e.
-
-    x [N, K] (the same rows for every expert) or [E, N, K] -> [E, N, out]. No group sizes, no
-    host reads, no data-dependent shapes: TorchScript and ONNX take it as it is. It computes E/k
-    times the reference's FLOPs but reads each expert's weights once, which is what bounds
-    small-batch CPU inference (docs/moe.md).
-    """
-    return torch.matmul(x, w) + b.unsqueeze(1)
-
-
-def combine_top_k(y: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The export path's combine: y [E, N, d] of every expert -> [N, d], each frame's k chosen
-    experts' rows weighted and summed in slot order (the same sum as `SortedTokenDispatcher.combine`)."""
-    num_rows, dim = y.size(1), y.size(2)
-    frame = torch.arange(num_rows, device=y.device).unsqueeze(1)
-    picked = y.reshape(-1, dim).index_select(0, (expert_ids * num_rows + frame).reshape(-1))
-    picked = picked.view(num_rows, expert_ids.size(1), dim)
-    return (picked * weights.to(picked.dtype).unsqueeze(2)).sum(dim=1)
 
 
 GEMMS: dict[str, type[GroupedGemm]] = {

@@ -13,9 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from u2moe.model.feed_forward import ACTIVATIONS
-from u2moe.model.moe.backends import (GEMMS, ExpertGroups, GroupedGemm, all_experts_linear,
-                                      backend_override, combine_top_k, compute_dtype,
-                                      select_backend)
+from u2moe.model.moe.backends import (GEMMS, ExpertGroups, GroupedGemm, backend_override,
+                                      compute_dtype, select_backend)
 
 # Each activation as a function, and its backward from its input as autograd computes it.
 _ACTIVATION_FNS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor],
@@ -77,7 +76,7 @@ class GroupedExperts(nn.Module):
         super().__init__()
         self.num_experts = num_experts
         # "auto" or a name from backends.GEMMS, resolved per call (device, dtype), or
-        # "export" (MoEFeedForward then takes the static-graph path, forward_top_k);
+        # "export" (MoEFeedForward then takes its exporters' inference path, forward_sparse);
         # settable per layer, or for a whole run through U2MOE_EXPERT_BACKEND.
         self.backend = backend_override()
         self.activation_name = activation
@@ -102,7 +101,7 @@ class GroupedExperts(nn.Module):
             setattr(self, name, nn.Parameter(getattr(self, name).detach()[first:first + count].clone()))
         self.num_experts = count
 
-    @torch.jit.unused  # group sizes are host values: TorchScript and ONNX use forward_top_k
+    @torch.jit.unused  # group sizes are host values: TorchScript and ONNX use forward_sparse
     def forward(self, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
         """x [M, dim] grouped by expert (`groups`) -> [M, dim]."""
         dtype = compute_dtype(x)
@@ -121,20 +120,11 @@ class GroupedExperts(nn.Module):
         summed in slot order: the training path's arithmetic (the reference backend's products)
         without its autograd nodes."""
         pairs = x.new_zeros(expert_ids.size(0), expert_ids.size(1), x.size(1))
+        # No branch on a group's size: torch.export (ONNX) cannot trace data-dependent control
+        # flow, and an expert no frame chose multiplies zero rows.
         for e in range(self.num_experts):
             picked = (expert_ids == e).nonzero()  # (frame, slot) pairs, in frame order
-            if picked.size(0) == 0:
-                continue
             frames, slots = picked[:, 0], picked[:, 1]
             h = self.dropout(self.activation(torch.addmm(self.b1[e], x.index_select(0, frames), self.w1[e])))
-            pairs[frames, slots] = torch.addmm(self.b2[e], h, self.w2[e])
+            pairs.index_put_((frames, slots), torch.addmm(self.b2[e], h, self.w2[e]))
         return (pairs * weights.to(pairs.dtype).unsqueeze(2)).sum(dim=1)
-
-    @torch.jit.unused
-    def forward_top_k(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
-                      ) -> torch.Tensor:
-        """The export path: x [N, dim] unpermuted, expert_ids / weights [N, k] from the router ->
-        [N, dim], the router-weighted sum of each frame's k experts. Same math as dispatch +
-        `forward` + combine, as a static graph (backends.all_experts_linear)."""
-        h = self.dropout(self.activation(all_experts_linear(x, self.w1, self.b1)))
-        return combine_top_k(all_experts_linear(h, self.w2, self.b2), expert_ids, weights)

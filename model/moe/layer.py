@@ -51,16 +51,15 @@ class MoEFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, D]; valid [B, T] (True = real frame). Padded frames get exactly zero output."""
-        if torch.jit.is_scripting():
-            return self._forward_scripted(x, valid)
-        if self.experts.backend == "export":
-            return self._forward_export(x, valid)
+        if torch.jit.is_scripting() or self.experts.backend == "export":
+            return self._forward_inference(x, valid)
         return self._forward_dispatch(x, valid)
 
-    def _forward_scripted(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        """Inference under TorchScript (WeNet's C++ runtime): the training path's routing and
-        arithmetic, each expert on its own frames only (GroupedExperts.forward_sparse), written
-        without the autograd nodes and host-side group sizes that scripting cannot hold."""
+    def _forward_inference(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """Inference for the exporters, TorchScript (scripted) and ONNX (traced by torch.export):
+        the training path's routing and arithmetic, each expert on its own frames only
+        (GroupedExperts.forward_sparse), without the autograd nodes and host-side group sizes
+        that neither can hold. Sets neither the routed groups nor `aux_loss`."""
         flat = x.reshape(-1, x.size(-1))
         if valid is None:
             return self.experts.forward_sparse(flat, *self.router.select(flat)).view_as(x)
@@ -68,18 +67,6 @@ class MoEFeedForward(nn.Module):
         tokens = flat.index_select(0, index)
         y = self.experts.forward_sparse(tokens, *self.router.select(tokens))
         return flat.new_zeros(flat.shape).index_copy(0, index, y).view_as(x)
-
-    @torch.jit.unused
-    def _forward_export(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        """Inference as a static graph, for graph exporters (ONNX): every frame is routed and run
-        through all experts (GroupedExperts.forward_top_k); padded frames are zeroed after.
-        Sets neither the routed groups nor `aux_loss`."""
-        flat = x.reshape(-1, x.size(-1))
-        expert_ids, weights = self.router.select(flat)
-        y = self.experts.forward_top_k(flat, expert_ids, weights)
-        if valid is not None:
-            y = y.masked_fill(~valid.reshape(-1, 1), 0.0)
-        return y.view_as(x)
 
     @torch.jit.unused
     # Eager under train.compile: the group sizes and the padding removal are data-dependent, and
