@@ -61,12 +61,9 @@ class MoEFeedForward(nn.Module):
         (GroupedExperts.forward_sparse), without the autograd nodes and host-side group sizes
         that neither can hold. Sets neither the routed groups nor `aux_loss`."""
         flat = x.reshape(-1, x.size(-1))
-        if valid is None:
-            return self.experts.forward_sparse(flat, *self.router.select(flat)).view_as(x)
-        index = valid.reshape(-1).nonzero().squeeze(1)
-        tokens = flat.index_select(0, index)
+        tokens, index = _real_frames(flat, valid)
         y = self.experts.forward_sparse(tokens, *self.router.select(tokens))
-        return flat.new_zeros(flat.shape).index_copy(0, index, y).view_as(x)
+        return _to_all_frames(y, flat, index).view_as(x)
 
     @torch.jit.unused
     # Eager under train.compile: the group sizes and the padding removal are data-dependent, and
@@ -75,18 +72,27 @@ class MoEFeedForward(nn.Module):
     @torch.compiler.disable
     def _forward_dispatch(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         flat = x.reshape(-1, x.size(-1))
-        index = None
-        if valid is not None:
-            # Padding is removed before routing: it costs no expert compute and skews no load.
-            index = valid.reshape(-1).nonzero().squeeze(1)
-            tokens = flat.index_select(0, index)
-        else:
-            tokens = flat
+        tokens, index = _real_frames(flat, valid)
         routing = self.router(tokens)
         permuted, groups, state = self.dispatcher.dispatch(tokens, routing)
         y = self.dispatcher.combine(self.experts(permuted, groups), state)
         self._routed_groups = state.groups
         self.aux_loss = routing.aux_loss
-        if index is not None:
-            y = flat.new_zeros(flat.shape).index_copy(0, index, y)
-        return y.view_as(x)
+        return _to_all_frames(y, flat, index).view_as(x)
+
+
+def _real_frames(flat: torch.Tensor, valid: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the rows of flat [N, D] that `valid` marks real, their indices; None when all are).
+    Padding is removed before routing: it costs no expert compute and skews no load."""
+    if valid is None:
+        return flat, None
+    index = valid.reshape(-1).nonzero().squeeze(1)
+    return flat.index_select(0, index), index
+
+
+def _to_all_frames(y: torch.Tensor, flat: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """The real frames' outputs y back at their rows of a [N, D] like flat; padded rows zero."""
+    if index is None:
+        return y
+    return flat.new_zeros(flat.shape).index_copy(0, index, y)
