@@ -37,7 +37,10 @@ class DecoderLayer(nn.Module):
         `src_attn.project_key_value`. -> (output [B, 1, D], self_cache with this position).
         Equals `forward` on the whole prefix, at its last position (dropout off)."""
         h = self.norm1(x)
-        every_earlier = torch.ones(x.size(0), 1, 1, dtype=torch.bool, device=x.device)  # broadcast over keys
+        # One column per key, not one broadcast: CUDA's memory-efficient attention refuses a bias
+        # whose last dimension has stride 0.
+        keys = 1 + (self_cache.size(2) if self_cache is not None else 0)
+        every_earlier = torch.ones(x.size(0), 1, keys, dtype=torch.bool, device=x.device)
         attn, self_cache = self.self_attn(h, h, h, every_earlier, self_cache)
         x = x + attn
         x = x + self.src_attn.attend_projected(self.norm2(x), memory_kv, memory_mask)

@@ -233,6 +233,28 @@ def test_every_mode_decodes_a_padded_batch_as_each_utterance_alone(preset, chunk
             assert batched[mode][b] == alone[mode][0], mode
 
 
+@pytest.mark.parametrize("chunk", [-1, 4])
+def test_every_attention_call_has_a_bias_column_per_key(monkeypatch, chunk):
+    """CUDA's memory-efficient attention (PyTorch's choice with cuDNN's turned off) refuses a
+    bias whose last dimension is broadcast ("last dimension must be contiguous"); the CPU kernels
+    accept it. So every call of every decoding mode must pass one bias column per key."""
+    real = F.scaled_dot_product_attention
+    shapes = []
+
+    def checked(q, k, v, attn_mask=None, **kwargs):
+        shapes.append((attn_mask.size(-1), attn_mask.stride(-1), k.size(-2), q.size(-2)))
+        return real(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", checked)
+    model = tiny_model("tiny_moe")
+    feats, lens = torch.randn(2, 60, 80, generator=torch.Generator().manual_seed(5)), torch.tensor([60, 41])
+    decode_batch(model, feats, lens, list(MODES), DecodeOptions(beam=3, chunk_size=chunk))
+    memory, valid = model.encoder(feats, lens)
+    attention_beam_search(model, memory, valid, beam=3, max_len=6)
+    assert [s for s in shapes if s[0] != s[2] or s[1] != 1] == []
+    assert sum(q == 1 and k > 1 for _, _, k, q in shapes) >= 10  # incremental decoder steps ran
+
+
 def test_batch_fbank_is_each_utterance_alone_zero_padded():
     from u2moe.data_prep.config import DataConfig
     from u2moe.data_prep.features import compute_fbank
