@@ -21,6 +21,13 @@ from u2moe.trainer.ds_config import DeepSpeedConfigError, load_ds_config, traine
 from u2moe.trainer.scheduler import warmup_lr
 
 
+# Dropout off: runs compared step by step must draw no random numbers of their own.
+NO_DROPOUT = [f"model.{part}={0.0}" for part in (
+    "encoder.dropout_rate", "encoder.positional_dropout_rate", "encoder.attention_dropout_rate",
+    "encoder.ffn.dropout_rate", "decoder.dropout_rate", "decoder.positional_dropout_rate",
+    "decoder.self_attention_dropout_rate", "decoder.src_attention_dropout_rate", "decoder.ffn.dropout_rate")]
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return prepare_corpus(tmp_path_factory.mktemp("corpus"))
@@ -389,11 +396,7 @@ def test_compiled_layers_train_like_eager_ones(corpus, tmp_path):
     from u2moe.model.checkpoint import load_model_file
     from u2moe.trainer.export import export_model
 
-    no_dropout = [f"model.{part}={0.0}" for part in (
-        "encoder.dropout_rate", "encoder.positional_dropout_rate", "encoder.attention_dropout_rate",
-        "encoder.ffn.dropout_rate", "decoder.dropout_rate", "decoder.positional_dropout_rate",
-        "decoder.self_attention_dropout_rate", "decoder.src_attention_dropout_rate", "decoder.ffn.dropout_rate")]
-    extra = [*no_dropout, "train.max_steps=3", "train.save_interval=3", "train.expert_parallel_size=1"]
+    extra = [*NO_DROPOUT, "train.max_steps=3", "train.save_interval=3", "train.expert_parallel_size=1"]
     losses = {}
     for compiled in (False, True):
         exp = tmp_path / f"compile_{compiled}"
@@ -406,3 +409,53 @@ def test_compiled_layers_train_like_eager_ones(corpus, tmp_path):
         assert losses[True][step]["loss"] == pytest.approx(losses[False][step]["loss"], rel=1e-3), step
     export_model(tmp_path / "compile_True", tmp_path / "model.pt")
     load_model_file(tmp_path / "model.pt")
+
+
+def _one_process_backward(rank, world, port, queue, corpus, exp_dir):
+    import copy
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from trainer_helpers import TINY
+    from u2moe.config import load_config
+    from u2moe.trainer.distributed import distributed
+    from u2moe.trainer.train import Trainer, TrainPaths
+
+    class CountCopies(TorchDispatchMode):
+        copies = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.copies += func.overloadpacket is torch.ops.aten.copy_
+            return func(*args, **(kwargs or {}))
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_PORT=str(port))
+    cfg = load_config("tiny_moe", [*TINY, *NO_DROPOUT, f"model.vocab_size={corpus['vocab']}",
+                                   "train.expert_parallel_size=1"])
+    # fp32: bf16 autocast on CPU does not repeat a forward bit for bit (oneDNN), fp32 does.
+    ds_config = exp_dir.parent / "zero0_fp32.json"
+    ds_config.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    paths = TrainPaths(str(corpus["train"]), str(corpus["dev"]), str(corpus["units"]), str(corpus["cmvn"]),
+                       exp_dir, str(ds_config))
+    with distributed() as info:
+        trainer = Trainer(cfg, paths, info)
+        batch = next(iter(trainer._loader(paths.train_shards, train=True)))
+        reference = copy.deepcopy(trainer.model)
+        inputs = trainer._inputs(batch, train=True)
+        reference(*inputs)["loss"].backward()
+        trainer.engine.train()
+        out = trainer.engine(*inputs)
+        counter = CountCopies()
+        with counter:
+            trainer.engine.backward(out["loss"])
+        grads = {n: (p.grad, dict(reference.named_parameters())[n].grad) for n, p in trainer.model.named_parameters()}
+    send_result(queue, rank, (grads, counter.copies))
+
+
+def test_one_process_backward_is_plain_autograd_without_per_parameter_copies(corpus, tmp_path):
+    """One process, no ZeRO: the engine's backward gives the gradients of a plain autograd
+    backward, without DeepSpeed's bucket-and-copy-back reduction (one copy per parameter), which
+    a host-bound step pays for in launches."""
+    grads, copies = spawn_ranks(_one_process_backward, 1, corpus, tmp_path / "exp")[0]
+    assert len(grads) > 50 and copies < len(grads) // 4
+    for name, (got, want) in grads.items():
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")

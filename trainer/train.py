@@ -102,6 +102,11 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=warmup_lr(optimizer, cfg.optim.warmup_steps),
             config=ds_cfg)
+        if info.world_size == 1 and not self.engine.zero_optimization():
+            # Nothing to reduce, yet DeepSpeed would flatten every gradient into a bucket,
+            # "all-reduce" it and copy it back: one copy per parameter and step, about a tenth of
+            # a host-bound step's launches (docs/RESULTS.md, issue 10).
+            self.engine.enable_backward_allreduce = False
         self.model = model
         self.clipper = GradClipper(model, cfg.train.grad_clip, expert_group) if trainer_clips(ds_cfg) else None
         self.grad_norm: torch.Tensor | None = None  # the last step's, when the trainer clips
