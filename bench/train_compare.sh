@@ -9,7 +9,8 @@
 # processes; $TRAIN_ARGS are more `u2moe train` arguments (e.g. "--max-gpu-memory-gb 24").
 # Decoding: $DECODE_MODES (default ctc_greedy,attention_rescoring) at each chunk size of
 # $DECODE_CHUNKS (default -1: full context; "none": no decoding, e.g. for throughput runs), for
-# each set of $DECODE_SETS (default test; e.g. "dev test").
+# each set of $DECODE_SETS (default test; e.g. "dev test"). DECODE_ONLY=1 skips training and decodes
+# the runs already in OUT (e.g. when training and decoding must be separate calls).
 # Per preset: OUT/PRESET/ (metrics.jsonl, model.pt, decode_SET_chunkN/), OUT/PRESET.*.log,
 # OUT/PRESET.metrics.jsonl (bench/plot_dev_loss.py plots them), and a
 # summary of throughput and error rates in OUT/summary.txt.
@@ -36,15 +37,17 @@ for preset in "$@"; do
   sets=()
   for kv in ${TRAIN_SET:-}; do sets+=(--set "$kv"); done
   vocab=$(grep -c . "$data/units/units.txt")
-  start=$(date +%s)
-  # shellcheck disable=SC2086
-  "${launcher[@]}" train ${MAX_MINUTES:+--max-minutes "$MAX_MINUTES"} ${TRAIN_ARGS:-} --config "$preset" --ds-config "$ds" --train-shards "$data/train/shards.list" \
-    --dev-shards "$data/dev/shards.list" --units "$data/units" --cmvn "$data/cmvn.json" --exp-dir "$exp" \
-    --max-steps "$steps" --set model.vocab_size="$vocab" "${sets[@]}" 2>&1 | grep -v "INFO\] \[" | tee "$exp.train.log"
-  echo "$preset train wall $(( $(date +%s) - start )) s" | tee -a "$out/summary.txt"
-  cp "$exp/metrics.jsonl" "$out/$preset.metrics.jsonl"  # for bench/plot_dev_loss.py, beside the logs
-  grep -h "audio_s/s" "$exp.train.log" | tail -n 3 >> "$out/summary.txt"
-  grep -h "s of audio in" "$exp.train.log" >> "$out/summary.txt" || true  # the run's exact rate
+  if [ "${DECODE_ONLY:-0}" != 1 ]; then
+    start=$(date +%s)
+    # shellcheck disable=SC2086
+    "${launcher[@]}" train ${MAX_MINUTES:+--max-minutes "$MAX_MINUTES"} ${TRAIN_ARGS:-} --config "$preset" --ds-config "$ds" --train-shards "$data/train/shards.list" \
+      --dev-shards "$data/dev/shards.list" --units "$data/units" --cmvn "$data/cmvn.json" --exp-dir "$exp" \
+      --max-steps "$steps" --set model.vocab_size="$vocab" "${sets[@]}" 2>&1 | grep -v "INFO\] \[" | tee "$exp.train.log"
+    echo "$preset train wall $(( $(date +%s) - start )) s" | tee -a "$out/summary.txt"
+    cp "$exp/metrics.jsonl" "$out/$preset.metrics.jsonl"  # for bench/plot_dev_loss.py, beside the logs
+    grep -h "audio_s/s" "$exp.train.log" | tail -n 3 >> "$out/summary.txt"
+    grep -h "s of audio in" "$exp.train.log" >> "$out/summary.txt" || true  # the run's exact rate
+  fi
   [ "${DECODE_CHUNKS:-}" = none ] && continue
   python3 -m u2moe export --exp-dir "$exp" --out "$exp/model.pt"
   for set in ${DECODE_SETS:-test}; do
