@@ -450,14 +450,16 @@ def _one_process_backward(rank, world, port, queue, corpus, exp_dir):
         with counter:
             trainer.engine.backward(out["loss"])
         grads = {n: (p.grad, dict(reference.named_parameters())[n].grad) for n, p in trainer.model.named_parameters()}
-    send_result(queue, rank, (grads, counter.copies))
+        compute_weights = trainer.compute_weights is not None
+    send_result(queue, rank, (grads, counter.copies, compute_weights))
 
 
 def test_one_process_backward_is_plain_autograd_without_per_parameter_copies(corpus, tmp_path):
     """One process, no ZeRO: the engine's backward gives the gradients of a plain autograd
     backward, without DeepSpeed's bucket-and-copy-back reduction (one copy per parameter), which
     a host-bound step pays for in launches."""
-    grads, copies = spawn_ranks(_one_process_backward, 1, corpus, tmp_path / "exp")[0]
+    grads, copies, compute_weights = spawn_ranks(_one_process_backward, 1, corpus, tmp_path / "exp")[0]
     assert len(grads) > 50 and copies < len(grads) // 4
+    assert compute_weights  # one process, no ZeRO, bf16 autocast: trainer/compute_weights.py
     for name, (got, want) in grads.items():
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")

@@ -64,6 +64,7 @@ class Trainer:
         from u2moe.model.moe.parallel import enable_expert_parallel
         from u2moe.model.flops import peak_tflops
         from u2moe.trainer.clipping import GradClipper
+        from u2moe.trainer.compute_weights import Bf16ComputeWeights
         from u2moe.trainer.ds_config import autocast_dtype, load_ds_config, precision, trainer_clips
         from u2moe.trainer.optim import build_optimizer
         from u2moe.trainer.scheduler import warmup_lr
@@ -107,6 +108,11 @@ class Trainer:
             # "all-reduce" it and copy it back: one copy per parameter and step, about a tenth of
             # a host-bound step's launches (docs/RESULTS.md, issue 10).
             self.engine.enable_backward_allreduce = False
+        # Persistent bf16 copies of the weights autocast would cast every step (trainer/compute_weights.py).
+        self.compute_weights = Bf16ComputeWeights(model) if (
+            info.world_size == 1 and not self.engine.zero_optimization() and not cfg.train.compile
+            and self.engine.torch_autocast_enabled() and self.engine.torch_autocast_dtype() == torch.bfloat16
+            and self.engine.gradient_accumulation_steps() == 1) else None
         self.model = model
         self.clipper = GradClipper(model, cfg.train.grad_clip, expert_group) if trainer_clips(ds_cfg) else None
         self.grad_norm: torch.Tensor | None = None  # the last step's, when the trainer clips
@@ -156,8 +162,15 @@ class Trainer:
         """Forward, backward and (at an accumulation boundary) optimizer step on one micro-batch:
         (the loss terms and frame count as device scalars, whether the optimizer stepped)."""
         feats, lens, target, target_lens = self._inputs(batch, train=True)
-        out = self.engine(feats, lens, target, target_lens)
-        self.engine.backward(out["loss"])
+        if self.compute_weights is None:
+            out = self.engine(feats, lens, target, target_lens)
+            self.engine.backward(out["loss"])
+        else:
+            self.compute_weights.refresh()
+            with self.compute_weights.swapped_in():
+                out = self.engine(feats, lens, target, target_lens)
+            self.engine.backward(out["loss"])
+            self.compute_weights.move_grads()
         boundary = self.engine.is_gradient_accumulation_boundary()
         if boundary and self.clipper is not None:
             self.grad_norm = self.clipper()

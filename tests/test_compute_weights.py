@@ -1,0 +1,76 @@
+"""bf16 compute weights: autocast's arithmetic, bit for bit, without its per-step weight casts."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from test_trainer import NO_DROPOUT
+from u2moe.config import load_config
+from u2moe.model import U2Model
+from u2moe.trainer.compute_weights import Bf16ComputeWeights
+
+
+class CountCasts(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.casts += func.overloadpacket is torch.ops.aten._to_copy
+        return func(*args, **(kwargs or {}))
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(3, 120, 80, generator=g), torch.tensor([120, 97, 60]),
+            torch.randint(1, 200, (3, 9), generator=g), torch.tensor([9, 7, 4]))
+
+
+def _autocast_step(model, batch, compute_weights=None):
+    """One forward (seeded: dynamic chunk training draws a chunk size) and backward; returns
+    the loss and the number of dtype casts dispatched."""
+    counter = CountCasts()
+    torch.manual_seed(0)
+    with counter:
+        if compute_weights is None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(*batch)["loss"]
+            loss.backward()
+        else:
+            compute_weights.refresh()
+            with compute_weights.swapped_in(), torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(*batch)["loss"]
+            loss.backward()
+            compute_weights.move_grads()
+    return loss.detach(), counter.casts
+
+
+@pytest.mark.parametrize("preset", ["tiny_dense", "tiny_moe"])
+def test_compute_weights_give_autocasts_gradients_bit_for_bit_with_fewer_casts(preset):
+    torch.manual_seed(0)
+    reference = U2Model(load_config(preset, NO_DROPOUT).model)
+    model = copy.deepcopy(reference)
+    weights = Bf16ComputeWeights(model)
+    batch = _batch()
+    for step in range(2):  # the second after an update: the copies follow the parameters
+        want, reference_casts = _autocast_step(reference, batch)
+        got, casts = _autocast_step(model, batch, weights)
+        assert torch.equal(got, want)
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            assert p.grad.dtype == torch.float32 and torch.equal(p.grad, q.grad), name
+        assert all(c.grad is None for c in weights.copies)
+        # Two casts per lowered weight and step are gone (its forward cast, its gradient's cast
+        # back); the copies' refresh and the gradients' move are one multi-tensor launch each.
+        assert casts <= reference_casts - 2 * len(weights.params)
+        with torch.no_grad():
+            for m in (model, reference):
+                for p in m.parameters():
+                    p.sub_(0.01 * p.grad)
+                m.zero_grad(set_to_none=True)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    # The router's gate runs in fp32 by design: it keeps its own fp32 weight.
+    assert not any(p is router.weight for m in model.modules() if hasattr(m, "router")
+                   for router in [m.router] for p in weights.params)
