@@ -335,6 +335,13 @@ def test_zero0_autocast_resumes_exactly_and_keeps_fp32_weights(corpus, tmp_path)
     assert "resumed from step 2" in (tmp_path / "resumed.log").read_text()
     reference, resumed = train_losses(straight), train_losses(split)
     assert sorted(reference) == sorted(resumed) == [1, 2, 3, 4]
+    # Expert load per MoE layer and step: fractions of the routed frames, and the logged maximum.
+    loads = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    for step in (1, 2, 3, 4):
+        rows = [[v for k, v in r.items() if k.startswith("e")] for r in loads
+                if r["split"].startswith("expert_load/") and r["step"] == step]
+        assert len(rows) == 6 and all(len(row) == 8 and sum(row) == pytest.approx(1.0) for row in rows)
+        assert reference[step]["expert_load_max"] == pytest.approx(8 * max(map(max, rows)))
     for step in (3, 4):
         assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-6), step
     export_model(split, tmp_path / "model.pt")

@@ -231,7 +231,7 @@ class Trainer:
         layers = self.model.moe_layers()
         if not layers or layers[0][1].last_tokens_per_expert is None:
             return None
-        return torch.stack([m.last_tokens_per_expert.float() for _, m in layers])
+        return torch.stack([m.last_tokens_per_expert for _, m in layers]).float()  # one cast, not one per layer
 
     def train(self) -> None:
         t = self.cfg.train
