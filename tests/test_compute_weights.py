@@ -23,38 +23,42 @@ class CountCasts(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _batch():
+def _batch(device):
     g = torch.Generator().manual_seed(1)
-    return (torch.randn(3, 120, 80, generator=g), torch.tensor([120, 97, 60]),
-            torch.randint(1, 200, (3, 9), generator=g), torch.tensor([9, 7, 4]))
+    batch = (torch.randn(3, 120, 80, generator=g), torch.tensor([120, 97, 60]),
+             torch.randint(1, 200, (3, 9), generator=g), torch.tensor([9, 7, 4]))
+    return tuple(t.to(device) for t in batch)
 
 
 def _autocast_step(model, batch, compute_weights=None):
     """One forward (seeded: dynamic chunk training draws a chunk size) and backward; returns
     the loss and the number of dtype casts dispatched."""
     counter = CountCasts()
+    device = batch[0].device.type
     torch.manual_seed(0)
     with counter:
         if compute_weights is None:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(device, dtype=torch.bfloat16):
                 loss = model(*batch)["loss"]
             loss.backward()
         else:
             compute_weights.refresh()
-            with compute_weights.swapped_in(), torch.autocast("cpu", dtype=torch.bfloat16):
+            with compute_weights.swapped_in(), torch.autocast(device, dtype=torch.bfloat16):
                 loss = model(*batch)["loss"]
             loss.backward()
             compute_weights.move_grads()
     return loss.detach(), counter.casts
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
 @pytest.mark.parametrize("preset", ["tiny_dense", "tiny_moe"])
-def test_compute_weights_give_autocasts_gradients_bit_for_bit_with_fewer_casts(preset):
+def test_compute_weights_give_autocasts_gradients_bit_for_bit_with_fewer_casts(preset, device):
     torch.manual_seed(0)
-    reference = U2Model(load_config(preset, NO_DROPOUT).model)
+    reference = U2Model(load_config(preset, NO_DROPOUT).model).to(device)
     model = copy.deepcopy(reference)
     weights = Bf16ComputeWeights(model)
-    batch = _batch()
+    batch = _batch(device)
     for step in range(2):  # the second after an update: the copies follow the parameters
         want, reference_casts = _autocast_step(reference, batch)
         got, casts = _autocast_step(model, batch, weights)

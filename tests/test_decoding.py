@@ -255,6 +255,24 @@ def test_every_attention_call_has_a_bias_column_per_key(monkeypatch, chunk):
     assert sum(q == 1 and k > 1 for _, _, k, q in shapes) >= 10  # incremental decoder steps ran
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("chunk", [-1, 16])
+def test_every_mode_decodes_on_the_gpu_in_bf16_and_fp32(chunk):
+    """The GPU's attention and MoE kernels refuse inputs the CPU's accept (a broadcast attention
+    bias did once): every mode runs there, and in fp32 gives the CPU's greedy hypotheses."""
+    model = tiny_model("tiny_moe")
+    feats, lens = torch.randn(4, 200, 80, generator=torch.Generator().manual_seed(7)), torch.tensor([200, 160, 90, 41])
+    opts = DecodeOptions(beam=4, chunk_size=chunk)
+    on_cpu = decode_batch(model, feats, lens, ["ctc_greedy"], opts)
+    gpu_model = model.cuda()
+    for dtype in (torch.float32, torch.bfloat16):
+        out = decode_batch(gpu_model.to(dtype), feats.cuda().to(dtype), lens.cuda(), list(MODES), opts)
+        assert all(len(out[mode]) == 4 for mode in MODES)
+        if dtype == torch.float32:
+            assert out["ctc_greedy"] == on_cpu["ctc_greedy"]
+
+
 def test_batch_fbank_is_each_utterance_alone_zero_padded():
     from u2moe.data_prep.config import DataConfig
     from u2moe.data_prep.features import compute_fbank
