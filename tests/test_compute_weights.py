@@ -1,4 +1,4 @@
-"""bf16 compute weights: autocast's arithmetic, bit for bit, without its per-step weight casts."""
+"""bf16 compute weights: autocast's arithmetic, bit for bit on the CPU, without its per-step weight casts."""
 from __future__ import annotations
 
 import copy
@@ -50,6 +50,15 @@ def _autocast_step(model, batch, compute_weights=None):
     return loss.detach(), counter.casts
 
 
+def _same(got, want, device):
+    """Bit for bit on the CPU; on CUDA, whose CTC and scatter backwards add with atomics in any
+    order, within what that order can move through bf16 rounding."""
+    if device == "cpu":
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-3 * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA")])])
 @pytest.mark.parametrize("preset", ["tiny_dense", "tiny_moe"])
@@ -62,9 +71,10 @@ def test_compute_weights_give_autocasts_gradients_bit_for_bit_with_fewer_casts(p
     for step in range(2):  # the second after an update: the copies follow the parameters
         want, reference_casts = _autocast_step(reference, batch)
         got, casts = _autocast_step(model, batch, weights)
-        assert torch.equal(got, want)
+        _same(got, want, device)
         for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-            assert p.grad.dtype == torch.float32 and torch.equal(p.grad, q.grad), name
+            assert p.grad.dtype == torch.float32, name
+            _same(p.grad, q.grad, device)
         assert all(c.grad is None for c in weights.copies)
         # Two casts per lowered weight and step are gone (its forward cast, its gradient's cast
         # back); the copies' refresh and the gradients' move are one multi-tensor launch each.
