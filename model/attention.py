@@ -61,13 +61,26 @@ class MultiHeadedAttention(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.size(0), -1, self.num_heads, self.d_k).transpose(1, 2)
 
+    def _joint_projection(self, x: torch.Tensor, with_query: bool) -> list[torch.Tensor]:
+        """Heads of (q,) k, v of one input as one matrix product: a host-bound step pays per
+        launch, and three products (each with its casts, forward and backward) cost three."""
+        layers = [self.linear_q, self.linear_k, self.linear_v] if with_query else [self.linear_k, self.linear_v]
+        weight = torch.cat([layer.weight for layer in layers])
+        bias = torch.cat([layer.bias for layer in layers])
+        return [self._heads(part) for part in F.linear(x, weight, bias).chunk(len(layers), dim=-1)]
+
     def _project(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Heads of q, k, v; the cache [B, H, Tc, 2*d_k] holds earlier keys and values."""
-        q = self._heads(self.linear_q(query))
-        k = self._heads(self.linear_k(key))
-        v = self._heads(self.linear_v(value))
+        if query is key and key is value:  # self-attention
+            q, k, v = self._joint_projection(query, True)
+        else:
+            q = self._heads(self.linear_q(query))
+            if key is value:  # attention over a memory
+                k, v = self._joint_projection(key, False)
+            else:
+                k, v = self._heads(self.linear_k(key)), self._heads(self.linear_v(value))
         if cache is not None and cache.size(2) > 0:
             k_cache, v_cache = cache.split(self.d_k, dim=-1)
             k = torch.cat([k_cache, k], dim=2)
@@ -93,7 +106,7 @@ class MultiHeadedAttention(nn.Module):
     def project_key_value(self, x: torch.Tensor) -> torch.Tensor:
         """Keys and values of x [B, T, D] as [B, H, T, 2*d_k], the layout of `cache`: attention
         over a fixed memory (the decoder's encoder output) projects it once, not every step."""
-        return torch.cat([self._heads(self.linear_k(x)), self._heads(self.linear_v(x))], dim=-1)
+        return torch.cat(self._joint_projection(x, False), dim=-1)
 
     def attend_projected(self, query: torch.Tensor, key_value: torch.Tensor, mask: torch.Tensor
                          ) -> torch.Tensor:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from u2moe.config import load_config
-from u2moe.model.attention import RelPositionMultiHeadedAttention
+from u2moe.model.attention import MultiHeadedAttention, RelPositionMultiHeadedAttention
 from u2moe.model.convolution import ConvolutionModule
 from u2moe.model.decoder import TransformerDecoder
 from u2moe.model.embedding import RelPositionalEncoding, sinusoid
@@ -61,6 +61,37 @@ def test_rel_position_attention_matches_direct_formula():
             ref[i, h] = (w.unsqueeze(1) * v[:, h]).sum(0)
     ref = att.linear_out(ref.reshape(1, t, dim))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("inputs", ["self", "memory", "three"])
+def test_attention_matches_direct_formula(inputs):
+    """Self-attention and attention over a memory project (q,) k and v as one product: each
+    must still get its own projection (the decoder's cross-attention, its cached memory keys and
+    values, and distinct key and value inputs)."""
+    torch.manual_seed(0)
+    heads, dim, tq, tk = 2, 8, 4, 6
+    att = MultiHeadedAttention(heads, dim, 0.0).eval()
+    query = torch.randn(1, tq, dim)
+    key = query if inputs == "self" else torch.randn(1, tk, dim)
+    value = key if inputs != "three" else torch.randn(1, tk, dim)
+    keys = key.size(1)
+    mask = torch.ones(1, tq, keys, dtype=torch.bool)
+    mask[0, :, -1] = False
+    out, _ = att(query, key, value, mask)
+    dk = dim // heads
+    q, k, v = (lin(x).view(-1, heads, dk) for lin, x in
+               ((att.linear_q, query), (att.linear_k, key), (att.linear_v, value)))
+    ref = torch.zeros(tq, heads, dk)
+    for h in range(heads):
+        for i in range(tq):
+            scores = torch.stack([q[i, h] @ k[j, h] / math.sqrt(dk) if mask[0, i, j] else torch.tensor(-math.inf)
+                                  for j in range(keys)])
+            ref[i, h] = (torch.softmax(scores, dim=0).unsqueeze(1) * v[:, h]).sum(0)
+    ref = att.linear_out(ref.reshape(1, tq, dim))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    if inputs == "memory":  # the incremental decoder's path: keys and values projected once
+        torch.testing.assert_close(att.attend_projected(query, att.project_key_value(key), mask), ref,
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_causal_convolution_ignores_the_future():
