@@ -62,8 +62,10 @@ class MultiHeadedAttention(nn.Module):
         return x.view(x.size(0), -1, self.num_heads, self.d_k).transpose(1, 2)
 
     def _joint_projection(self, x: torch.Tensor, with_query: bool) -> list[torch.Tensor]:
-        """Heads of (q,) k, v of one input as one matrix product: a host-bound step pays per
-        launch, and three products (each with its casts, forward and backward) cost three."""
+        """Heads of (q,) k, v of one input as one matrix product, in training: a host-bound step
+        pays per launch, and three products (each with its casts, forward and backward) cost
+        three. Not in inference, where copying the weights together every call would double the
+        weight traffic that a batch-1 decoder is bound by."""
         layers = [self.linear_q, self.linear_k, self.linear_v] if with_query else [self.linear_k, self.linear_v]
         weight = torch.cat([layer.weight for layer in layers])
         bias = torch.cat([layer.bias for layer in layers])
@@ -73,11 +75,11 @@ class MultiHeadedAttention(nn.Module):
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Heads of q, k, v; the cache [B, H, Tc, 2*d_k] holds earlier keys and values."""
-        if query is key and key is value:  # self-attention
+        if self.training and query is key and key is value:  # self-attention
             q, k, v = self._joint_projection(query, True)
         else:
             q = self._heads(self.linear_q(query))
-            if key is value:  # attention over a memory
+            if self.training and key is value:  # attention over a memory
                 k, v = self._joint_projection(key, False)
             else:
                 k, v = self._heads(self.linear_k(key)), self._heads(self.linear_v(value))
@@ -106,7 +108,7 @@ class MultiHeadedAttention(nn.Module):
     def project_key_value(self, x: torch.Tensor) -> torch.Tensor:
         """Keys and values of x [B, T, D] as [B, H, T, 2*d_k], the layout of `cache`: attention
         over a fixed memory (the decoder's encoder output) projects it once, not every step."""
-        return torch.cat(self._joint_projection(x, False), dim=-1)
+        return torch.cat([self._heads(self.linear_k(x)), self._heads(self.linear_v(x))], dim=-1)
 
     def attend_projected(self, query: torch.Tensor, key_value: torch.Tensor, mask: torch.Tensor
                          ) -> torch.Tensor:

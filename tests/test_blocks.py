@@ -63,14 +63,15 @@ def test_rel_position_attention_matches_direct_formula():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("inputs", ["self", "memory", "three"])
-def test_attention_matches_direct_formula(inputs):
-    """Self-attention and attention over a memory project (q,) k and v as one product: each
-    must still get its own projection (the decoder's cross-attention, its cached memory keys and
-    values, and distinct key and value inputs)."""
+def test_attention_matches_direct_formula(inputs, training):
+    """In training, self-attention and attention over a memory project (q,) k and v as one
+    product: each must still get its own projection (also the decoder's cross-attention, its
+    cached memory keys and values in inference, and distinct key and value inputs)."""
     torch.manual_seed(0)
     heads, dim, tq, tk = 2, 8, 4, 6
-    att = MultiHeadedAttention(heads, dim, 0.0).eval()
+    att = MultiHeadedAttention(heads, dim, 0.0).train(training)
     query = torch.randn(1, tq, dim)
     key = query if inputs == "self" else torch.randn(1, tk, dim)
     value = key if inputs != "three" else torch.randn(1, tk, dim)
