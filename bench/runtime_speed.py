@@ -8,7 +8,6 @@ all left chunks) over the same frames. Best of 3 after a warm-up (docs/decoding.
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Callable
 
 import torch
@@ -16,19 +15,15 @@ import torch
 from u2moe.config import load_config
 from u2moe.model.asr_model import U2Model
 from u2moe.model.export.torchscript import script_model
+from u2moe.model.moe.bench import time_steps
 
 FRAMES = 1000  # 10 s at a 10 ms shift
 CHUNK = 16
 
 
 def best_of_3(run: Callable[[], None]) -> float:
-    run()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    """Seconds of the fastest of 3 runs after a warm-up."""
+    return min(time_steps(run, torch.device("cpu"), warmup=1, iters=3)) / 1e3
 
 
 def main() -> None:

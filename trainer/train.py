@@ -5,7 +5,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,15 +103,16 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=warmup_lr(optimizer, cfg.optim.warmup_steps),
             config=ds_cfg)
-        if info.world_size == 1 and not self.engine.zero_optimization():
+        one_plain_process = info.world_size == 1 and not self.engine.zero_optimization()
+        if one_plain_process:
             # Nothing to reduce, yet DeepSpeed would flatten every gradient into a bucket,
             # "all-reduce" it and copy it back: one copy per parameter and step, about a tenth of
             # a host-bound step's launches (docs/RESULTS.md, issue 10).
             self.engine.enable_backward_allreduce = False
         # Persistent bf16 copies of the weights autocast would cast every step (trainer/compute_weights.py).
         self.compute_weights = Bf16ComputeWeights(model) if (
-            info.world_size == 1 and not self.engine.zero_optimization() and not cfg.train.compile
-            and self.engine.torch_autocast_enabled() and self.engine.torch_autocast_dtype() == torch.bfloat16
+            one_plain_process and not cfg.train.compile and self.engine.torch_autocast_enabled()
+            and self.engine.torch_autocast_dtype() == torch.bfloat16
             and self.engine.gradient_accumulation_steps() == 1) else None
         self.model = model
         self.clipper = GradClipper(model, cfg.train.grad_clip, expert_group) if trainer_clips(ds_cfg) else None
@@ -162,15 +163,14 @@ class Trainer:
         """Forward, backward and (at an accumulation boundary) optimizer step on one micro-batch:
         (the loss terms and frame count as device scalars, whether the optimizer stepped)."""
         feats, lens, target, target_lens = self._inputs(batch, train=True)
-        if self.compute_weights is None:
+        weights = self.compute_weights
+        if weights is not None:
+            weights.refresh()
+        with weights.swapped_in() if weights is not None else nullcontext():
             out = self.engine(feats, lens, target, target_lens)
-            self.engine.backward(out["loss"])
-        else:
-            self.compute_weights.refresh()
-            with self.compute_weights.swapped_in():
-                out = self.engine(feats, lens, target, target_lens)
-            self.engine.backward(out["loss"])
-            self.compute_weights.move_grads()
+        self.engine.backward(out["loss"])
+        if weights is not None:
+            weights.move_grads()
         boundary = self.engine.is_gradient_accumulation_boundary()
         if boundary and self.clipper is not None:
             self.grad_norm = self.clipper()

@@ -34,7 +34,7 @@ from u2moe.trainer.distributed import DistInfo, distributed
 SHAPES = ((16384, 512, 2048), (32768, 256, 2048), (16384, 1024, 4096))
 
 
-def _time_steps(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> list[float]:
+def time_steps(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> list[float]:
     """Milliseconds of each of `iters` steps after `warmup`: CUDA events on a GPU, wall time on CPU."""
     for _ in range(warmup):
         step()
@@ -111,7 +111,7 @@ def bench_moe(args: argparse.Namespace) -> dict:
             x, valid = _batch(frames, dim, pad, device)
             row = {"T": frames, "d": dim, "ffn": hidden, "pad": pad}
             run = lambda m, f: statistics.median(
-                _time_steps(_train_step(m, x, f), device, args.warmup, args.iters))
+                time_steps(_train_step(m, x, f), device, args.warmup, args.iters))
             row["dense"] = run(dense, lambda t: dense(t))
             row["ideal"] = args.top_k * row["dense"]
             if ds_moe is not None:
@@ -170,13 +170,13 @@ def _moe_ep_rows(args: argparse.Namespace, info: DistInfo, dtype: torch.dtype) -
         split.shard_experts(dist.group.WORLD)
         torch.manual_seed(1 + info.rank)  # frames of its own on each rank
         x, valid = _batch(frames, dim, args.pad, info.device, dtype)
-        local_ms = _time_steps(_train_step(local, x, lambda t: local(t, valid)), info.device,
+        local_ms = time_steps(_train_step(local, x, lambda t: local(t, valid)), info.device,
                                args.warmup, args.iters)
         step = _train_step(split, x, lambda t: split(t, valid))
-        _time_steps(step, info.device, args.warmup, 0)
+        time_steps(step, info.device, args.warmup, 0)
         ALL_TO_ALL_TIMER.enabled = True
         ALL_TO_ALL_TIMER.take()
-        ep_ms = _time_steps(step, info.device, 0, args.iters)
+        ep_ms = time_steps(step, info.device, 0, args.iters)
         a2a_ms = ALL_TO_ALL_TIMER.take() * 1e3
         ALL_TO_ALL_TIMER.enabled = False
         mine = {"local_ms": statistics.median(local_ms), "ep_ms": statistics.median(ep_ms),
