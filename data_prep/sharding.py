@@ -1,9 +1,11 @@
 """Which shards a given data-loader worker reads in a given epoch.
 
 The full list is shuffled with (seed, epoch) -- identically on every rank, since all ranks know
-the same seed -- and then dealt round-robin over all rank x worker readers of the job. Every shard
-is therefore read exactly once per epoch across the whole job, and no reader needs to talk to any
-other. With fewer shards than readers some readers get nothing; make shards small enough.
+the same seed -- and then dealt round-robin over the ranks, and each rank's share over its
+workers. Every shard is therefore read exactly once per epoch across the whole job, no reader needs
+to talk to any other, and every rank gets a shard as long as there are as many shards as ranks
+(ranks train in lock-step: a rank without data would end every epoch at once). With fewer shards
+than readers some workers get nothing; make shards small enough.
 """
 from __future__ import annotations
 
@@ -36,5 +38,4 @@ def shards_for_reader(shards: list[str], *, seed: int, epoch: int, shuffle: bool
     order = list(shards)
     if shuffle:
         random.Random(f"{seed}:{epoch}").shuffle(order)
-    reader = rank * num_workers + worker
-    return order[reader::world_size * num_workers]
+    return order[rank::world_size][worker::num_workers]

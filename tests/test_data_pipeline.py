@@ -44,13 +44,17 @@ def _collect(loader) -> list[dict]:
 def test_partition_reads_every_shard_once_per_epoch():
     for n in range(0, 14):
         shards = [f"s{i}" for i in range(n)]
-        for world in (1, 2, 3):
-            for workers in (1, 2, 3):
+        for world in (1, 2, 3, 4):
+            for workers in (1, 2, 3, 6):
                 for epoch in (0, 1):
-                    parts = [shards_for_reader(shards, seed=7, epoch=epoch, shuffle=True, rank=r, world_size=world,
-                                               worker=w, num_workers=workers)
-                             for r in range(world) for w in range(workers)]
-                    assert sorted(s for p in parts for s in p) == sorted(shards)
+                    parts = {(r, w): shards_for_reader(shards, seed=7, epoch=epoch, shuffle=True, rank=r,
+                                                       world_size=world, worker=w, num_workers=workers)
+                             for r in range(world) for w in range(workers)}
+                    assert sorted(s for p in parts.values() for s in p) == sorted(shards)
+                    per_rank = [sum(len(parts[r, w]) for w in range(workers)) for r in range(world)]
+                    # Ranks step in lock-step: each gets its fair share, whatever the worker count
+                    # (8 shards, 4 ranks x 6 workers once left two ranks with none).
+                    assert max(per_rank) - min(per_rank) <= 1, (n, world, workers, per_rank)
     orders = {tuple(shards_for_reader([f"s{i}" for i in range(20)], seed=7, epoch=e, shuffle=True, rank=0,
                                       world_size=1, worker=0, num_workers=1)) for e in range(3)}
     assert len(orders) == 3  # a new order every epoch
