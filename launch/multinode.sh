@@ -6,5 +6,8 @@
 set -euo pipefail
 hostfile=$1; shift
 [ "${1:-}" = "--" ] && shift
-exec deepspeed --hostfile "$hostfile" --master_addr "$(hostname)" --master_port "${MASTER_PORT:-29500}" \
+# The `deepspeed` script, or its module where an install has no scripts (pip --target).
+launcher=(deepspeed)
+command -v deepspeed > /dev/null || launcher=("${PYTHON:-python3}" -m deepspeed.launcher.runner)
+exec "${launcher[@]}" --hostfile "$hostfile" --master_addr "$(hostname)" --master_port "${MASTER_PORT:-29500}" \
   --no_local_rank --module u2moe train "$@"

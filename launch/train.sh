@@ -20,4 +20,7 @@ if [ -z "$gpus" ]; then
   gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
   [ "$gpus" -gt 0 ] || gpus=2  # no GPU: two CPU processes (gloo)
 fi
-exec deepspeed --num_gpus "$gpus" --master_port "$port" --no_local_rank --module u2moe train "$@"
+# The `deepspeed` script, or its module where an install has no scripts (pip --target).
+launcher=(deepspeed)
+command -v deepspeed > /dev/null || launcher=("${PYTHON:-python3}" -m deepspeed.launcher.runner)
+exec "${launcher[@]}" --num_gpus "$gpus" --master_port "$port" --no_local_rank --module u2moe train "$@"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -174,6 +175,18 @@ def test_uneven_shards_end_the_epoch_on_every_rank(tmp_path):
     assert len(list((tmp_path / "exp" / "checkpoints").glob("step_*"))) == 1
     records = train_losses(tmp_path / "exp")
     assert records and all(math.isfinite(r["loss"]) for r in records.values())
+
+
+def test_launcher_script_runs_without_a_deepspeed_script_on_path(tmp_path):
+    """Installs without console scripts (pip --target, as on the GPU machine) have DeepSpeed's
+    launcher module only; launch/train.sh then runs that module with $PYTHON."""
+    assert shutil.which("deepspeed", path="/usr/bin:/bin") is None
+    script = Path(__file__).resolve().parents[1] / "launch" / "train.sh"
+    proc = subprocess.run(["bash", str(script), "--gpus", "1", "--port", str(free_port()), "--", "--help"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "usage: u2moe train" in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
