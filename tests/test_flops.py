@@ -35,10 +35,11 @@ def test_throughput_meter_reports_tflops_and_mfu(monkeypatch):
     now = [100.0]
     monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
     meter = progress.ThroughputMeter(torch.device("cpu"), peak_tflops=4.0, comm_seconds=lambda: 0.5)
-    meter.add(10.0, {"loss": torch.tensor(2.0)}, 0.5, flops=3 * 10**12)
-    meter.add(30.0, {"loss": torch.tensor(4.0)}, 0.5, flops=1 * 10**12)
+    meter.add(10.0, {"loss": torch.tensor(2.0)}, 0.5, flops=3 * 10**12, step_seconds=0.3)
+    meter.add(30.0, {"loss": torch.tensor(4.0)}, 0.5, flops=1 * 10**12, step_seconds=0.5)
     now[0] = 102.0
     stats = meter.report()
+    assert stats["data_wait_frac"] == pytest.approx(0.5) and stats["in_step_frac"] == pytest.approx(0.4)
     assert stats["tflops_per_gpu"] == pytest.approx(2.0) and stats["mfu"] == pytest.approx(0.5)
     assert stats["audio_s_per_s"] == pytest.approx(20.0) and stats["loss"] == pytest.approx(3.0)
     assert stats["all_to_all_share"] == pytest.approx(0.25)

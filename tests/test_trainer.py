@@ -322,13 +322,19 @@ def test_bench_train_reads_one_epoch_and_steps(corpus, tmp_path):
     out = tmp_path / "bench.json"
     # A process of its own: the bench sets up torch.distributed, as `u2moe train` does.
     run([*cmd[:cmd.index("train")], "bench", "train", *config_args, "--loader-batches", "1000", "--steps", "2",
-         "--profile", "1", "--utt-seconds", "3", "--json", str(out)], timeout=300, log=tmp_path / "bench.log")
+         "--live-steps", "20", "--profile", "1", "--utt-seconds", "3", "--json", str(out)], timeout=300,
+        log=tmp_path / "bench.log")
     result = json.loads(out.read_text())
     root = corpus["train"].parents[1] / "corpus"
     audio = [sf.info(str(root / rel)).duration for rel in read_kaldi_table(root / "train" / "wav.scp").values()]
     assert result["loader_audio_seconds"] == pytest.approx(sum(audio), abs=0.05)
     assert result["steps"] == 2 and result["step_audio_s_per_s"] > 0 and result["aten_ops_per_step"] > 0
     assert result["utt_seconds_mean"] >= 3 and result["batch_audio_s_mean"] >= 3  # steps on joined utterances
+    # Live steps run across an epoch end (3 warm-up + 20 steps, more than the epoch's batches),
+    # and their time splits into the data wait, the steps and the loop's rest.
+    assert result["loader_batches"] < 3 + 20
+    assert result["live_steps"] == 20 and result["live_audio_s_per_s"] > 0 and result["live_step_ms_mean"] > 0
+    assert 0 < result["live_data_wait_frac"] + result["live_in_step_frac"] <= 1
 
 
 def test_zero0_autocast_resumes_exactly_and_keeps_fp32_weights(corpus, tmp_path):

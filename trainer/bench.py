@@ -7,6 +7,9 @@ then measures, on one process:
 - the training step alone: `Trainer.train_step` on batches read once and kept in memory, so no
   data wait (seconds of audio per second, milliseconds per step); with `--utt-seconds`, on
   those utterances joined into longer ones (a long-utterance corpus's step, from a short one);
+- with `--live-steps`, the training step fed by the running input pipeline, as `u2moe train`
+  feeds it (workers decoding beside the step, no synchronisation per step): against the
+  in-memory steps, what sharing the host with the data workers costs;
 - host synchronisations per step (CUDA's sync debug mode; each names the line that caused it);
 - with `--profile`, torch.profiler over a few steps: the share of wall time the GPU is busy, and
   the operators that take the most host and device time.
@@ -131,6 +134,41 @@ def measure_steps(trainer: Any, batches: list[dict[str, Any]], steps: int) -> di
             "batch_frames_mean": frames / len(batches)}
 
 
+def measure_live_steps(trainer: Any, steps: int, warmup: int = 3) -> dict[str, float]:
+    """`steps` training steps on batches as the loader delivers them, epoch after epoch with the
+    next one prefetched (Trainer.train's loop without its logging and evaluation)."""
+    device = trainer.info.device
+    loader = trainer._loader(trainer.paths.train_shards, train=True)
+    trainer.engine.train()
+    audio = waited = in_step = 0.0
+    done, epoch, started = 0, 0, 0.0
+    while done < warmup + steps:
+        loader.set_epoch(epoch)
+        batches = iter(loader)
+        loader.prefetch(epoch + 1)
+        while done < warmup + steps:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            t1 = time.perf_counter()
+            trainer.train_step(batch)
+            t2 = time.perf_counter()
+            done += 1
+            if done == warmup:
+                _sync(device)
+                started = time.perf_counter()
+            elif done > warmup:
+                audio += sum(batch["durations"])
+                waited += t1 - t0
+                in_step += t2 - t1
+        epoch += 1
+    _sync(device)
+    elapsed = time.perf_counter() - started
+    return {"live_steps": steps, "live_audio_s_per_s": audio / elapsed, "live_data_wait_frac": waited / elapsed,
+            "live_in_step_frac": in_step / elapsed, "live_step_ms_mean": 1000 * in_step / steps}
+
+
 def count_syncs(trainer: Any, batch: dict[str, Any]) -> dict[str, int]:
     """Host-device synchronisations in one step, by the source line that caused them."""
     if trainer.info.device.type != "cuda":
@@ -201,6 +239,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  f"data.batch.max_frames_in_batch={cfg.data.batch.max_frames_in_batch}")
             result["utt_seconds_mean"] = statistics.mean(d for b in batches for d in b["durations"])
         result.update(measure_steps(trainer, batches, args.steps))
+        if args.live_steps:
+            result.update(measure_live_steps(trainer, args.live_steps))
         result["syncs_per_step"] = count_syncs(trainer, batches[0])
         if args.profile:
             result.update(profile_steps(trainer, batches, args.profile, Path(args.json) if args.json else None))
@@ -218,6 +258,8 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     add_model_and_data_arguments(p)
     p.add_argument("--loader-batches", type=int, default=200, help="batches read in the loader measurement")
     p.add_argument("--steps", type=int, default=50, help="training steps timed on in-memory batches")
+    p.add_argument("--live-steps", type=int, default=0, metavar="STEPS",
+                   help="also time this many steps fed by the running input pipeline")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS", help="also profile this many steps")
     p.add_argument("--utt-seconds", type=float, default=None,
                    help="time the steps on the loader's utterances joined into ones of at least this length "

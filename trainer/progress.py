@@ -43,6 +43,7 @@ class ThroughputMeter:
         self.paused_start = self.paused_seconds()
         self.audio_seconds = 0.0
         self.data_seconds = 0.0
+        self.step_seconds = 0.0
         self.flops = 0
         self.batches = 0
         self.sums: dict[str, torch.Tensor] = {}
@@ -60,13 +61,15 @@ class ThroughputMeter:
         return {"audio_seconds": audio.item(), "training_seconds": seconds, "audio_s_per_s": audio.item() / seconds}
 
     def add(self, audio_seconds: float, values: dict[str, torch.Tensor], data_seconds: float,
-            flops: int = 0) -> None:
+            flops: int = 0, step_seconds: float = 0.0) -> None:
         """values: device scalars (loss terms, frames) of one micro-batch; data_seconds: time the
         loop waited for this batch (a data-bound run shows it); flops: its model FLOPs
-        (model/flops.py), counted on the host."""
+        (model/flops.py), counted on the host; step_seconds: host time in the training step.
+        A host-bound step's time is its host time: what is in neither share is the loop's own."""
         self.audio_seconds += audio_seconds
         self.run_audio_seconds += audio_seconds
         self.data_seconds += data_seconds
+        self.step_seconds += step_seconds
         self.flops += flops
         self.batches += 1
         for name, value in values.items():
@@ -86,6 +89,7 @@ class ThroughputMeter:
         audio, batches, flops, *sums = local.tolist()
         # Rank 0's own wait: the slowest reader shows as every rank waiting in the next collective.
         out = {"audio_s_per_s": audio / elapsed, "data_wait_frac": self.data_seconds / elapsed,
+               "in_step_frac": self.step_seconds / elapsed,
                "tflops_per_gpu": flops / elapsed / world / 1e12}
         if self.peak_tflops:
             out["mfu"] = out["tflops_per_gpu"] / self.peak_tflops
