@@ -324,7 +324,8 @@ class Trainer:
         self.reporter.line(
             f"epoch {self.epoch} step {step} {losses} lr {stats['lr']:.2e} grad_norm {stats['grad_norm']:.3f} "
             f"frames/s {stats['frames_per_s']:.0f} audio_s/s {stats['audio_s_per_s']:.1f} "
-            f"data_wait {100 * stats['data_wait_frac']:.0f}% in_step {100 * stats['in_step_frac']:.0f}% TFLOP/s/GPU {stats['tflops_per_gpu']:.2f} {optional}"
+            f"data_wait {100 * stats['data_wait_frac']:.0f}% in_step {100 * stats['in_step_frac']:.0f}% "
+            f"TFLOP/s/GPU {stats['tflops_per_gpu']:.2f} {optional}"
             f"mem {stats['gpu_mem_gb']:.1f}/{stats['gpu_mem_reserved_gb']:.1f}GB")
         self.reporter.scalars("train", stats, step)
 
