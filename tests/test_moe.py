@@ -192,3 +192,58 @@ def test_compiled_conformer_layer_with_moe_equals_eager():
             grads.append(layer.feed_forward.experts.w1.grad.clone())
         torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+
+
+def test_moe_layers_of_one_forward_share_the_padding_removal():
+    """Every MoE layer of one encoder (or decoder) forward gets the same padding mask: they find
+    its real frames once (`nonzero` reads a count to the host, a synchronisation on a GPU), and
+    each forward's new mask is found anew. Loss and gradients equal a model whose layers each
+    find their own."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from u2moe.config import load_config
+    from u2moe.model import U2Model
+    from u2moe.model.moe import layer as moe_layer
+
+    class CountNonzero(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountNonzero.calls += func.overloadpacket.__name__ == "nonzero"
+            return func(*args, **(kwargs or {}))
+
+    cfg = load_config("tiny_moe").model
+    torch.manual_seed(0)
+    model = U2Model(cfg).train()
+    moe_calls = len(model.moe_layers())  # each runs once per forward
+
+    def batch(seed):
+        g = torch.Generator().manual_seed(seed)
+        lens = torch.tensor([100, 83, 61])
+        target = torch.randint(1, cfg.vocab_size - 1, (3, 6), generator=g)
+        target[1, 4:] = target[2, 2:] = -1
+        return torch.randn(3, 100, 80, generator=g), lens, target, torch.tensor([6, 4, 2])
+
+    def loss_and_grads(seed):
+        torch.manual_seed(1)  # the same dropout and dynamic-chunk draws in both runs
+        loss = model(*batch(seed))["loss"]
+        return loss.detach(), torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad],
+                                                  allow_unused=True)
+
+    for seed in (0, 1):  # a second forward, with new masks, finds them anew
+        with CountNonzero():
+            CountNonzero.calls = 0
+            shared = loss_and_grads(seed)
+            assert CountNonzero.calls <= 3 < moe_calls  # encoder, left and right decoder masks
+        own = moe_layer._real_frame_positions
+        moe_layer._shared_real_frame_positions = own  # every layer computes its own
+        try:
+            with CountNonzero():
+                CountNonzero.calls = 0
+                alone = loss_and_grads(seed)
+                assert CountNonzero.calls == moe_calls
+        finally:
+            moe_layer._shared_real_frame_positions = moe_layer._SharedRealFramePositions()
+        torch.testing.assert_close(shared[0], alone[0], rtol=0, atol=0)
+        for a, b in zip(shared[1], alone[1]):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b))

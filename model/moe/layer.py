@@ -61,7 +61,8 @@ class MoEFeedForward(nn.Module):
         (GroupedExperts.forward_sparse), without the autograd nodes and host-side group sizes
         that neither can hold. Sets neither the routed groups nor `aux_loss`."""
         flat = x.reshape(-1, x.size(-1))
-        tokens, index = _real_frames(flat, valid)
+        index = _real_frame_positions(valid)
+        tokens = _real_frames(flat, index)
         y = self.experts.forward_sparse(tokens, *self.router.select(tokens))
         return _to_all_frames(y, flat, index).view_as(x)
 
@@ -72,7 +73,8 @@ class MoEFeedForward(nn.Module):
     @torch.compiler.disable
     def _forward_dispatch(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         flat = x.reshape(-1, x.size(-1))
-        tokens, index = _real_frames(flat, valid)
+        index = _shared_real_frame_positions(valid)
+        tokens = _real_frames(flat, index)
         routing = self.router(tokens)
         permuted, groups, state = self.dispatcher.dispatch(tokens, routing)
         y = self.dispatcher.combine(self.experts(permuted, groups), state)
@@ -81,14 +83,36 @@ class MoEFeedForward(nn.Module):
         return _to_all_frames(y, flat, index).view_as(x)
 
 
-def _real_frames(flat: torch.Tensor, valid: torch.Tensor | None
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(the rows of flat [N, D] that `valid` marks real, their indices; None when all are).
-    Padding is removed before routing: it costs no expert compute and skews no load."""
-    if valid is None:
-        return flat, None
-    index = valid.reshape(-1).nonzero().squeeze(1)
-    return flat.index_select(0, index), index
+def _real_frame_positions(valid: torch.Tensor | None) -> torch.Tensor | None:
+    """Row indices of the frames `valid` [B, T] marks real, in the flattened [B*T] frames (None
+    when there is no mask). Padding is removed before routing: it costs no expert compute and
+    skews no load."""
+    return None if valid is None else valid.reshape(-1).nonzero().squeeze(1)
+
+
+class _SharedRealFramePositions:
+    """_real_frame_positions of the last mask asked about, kept: every MoE layer of one encoder
+    (or decoder) forward gets the same mask object, so they share one `nonzero`, whose read of
+    the count is a host-device synchronisation (18 per small_moe training step, now 3)."""
+
+    def __init__(self) -> None:
+        self.valid: torch.Tensor | None = None
+        self.index: torch.Tensor | None = None
+
+    def __call__(self, valid: torch.Tensor | None) -> torch.Tensor | None:
+        # The object, not its values: masks are made per forward and never changed in place, and
+        # holding the last one keeps a new mask from reusing its identity.
+        if valid is not self.valid:
+            self.valid, self.index = valid, _real_frame_positions(valid)
+        return self.index
+
+
+_shared_real_frame_positions = _SharedRealFramePositions()
+
+
+def _real_frames(flat: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """The rows of flat [N, D] at `index` (all of them when None)."""
+    return flat if index is None else flat.index_select(0, index)
 
 
 def _to_all_frames(y: torch.Tensor, flat: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
