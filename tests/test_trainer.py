@@ -204,8 +204,9 @@ def test_eight_ranks_with_expert_parallelism_8_through_the_launcher_script(tmp_p
     exp = tmp_path / "exp"
     cmd = train_command(data, exp, nproc=1, ds_config="zero2_fp32",
                         extra=["train.expert_parallel_size=8", "train.max_epochs=1"])
+    port = free_port()
     launcher = ["bash", str(Path(__file__).resolve().parents[1] / "launch" / "train.sh"), "--gpus", "8",
-                "--port", str(free_port()), "--"]
+                "--port", str(port), "--"]
     env_path = str(Path(sys.executable).parent)  # the launcher calls `deepspeed` from the venv
     log = tmp_path / "train.log"
     with log.open("w") as f:
@@ -215,6 +216,8 @@ def test_eight_ranks_with_expert_parallelism_8_through_the_launcher_script(tmp_p
     text = log.read_text()
     assert proc.returncode == 0, text[-4000:]
     assert "[rank 7]" in text and "trained" in text
+    # DeepSpeed's shared-memory all-reduce buffers (66 MB a rank) are not left in /dev/shm.
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     dev = [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines()]
     dev = [r for r in dev if r["split"] == "dev"]
     assert len(dev) == 1
