@@ -34,8 +34,10 @@ def slurm(tmp_path_factory):
     subprocess.run(["bash", str(script), "--stop", str(state)], timeout=60)
 
 
-@pytest.mark.parametrize("mode", ["srun", "deepspeed"])
-def test_sbatch_trains_tiny_moe_with_expert_parallelism_2(slurm, tmp_path, mode):
+@pytest.mark.parametrize("mode,script", [("srun", True), ("deepspeed", True), ("deepspeed", False)])
+def test_sbatch_trains_tiny_moe_with_expert_parallelism_2(slurm, tmp_path, mode, script):
+    """script=False: $PYTHON's folder has no `deepspeed` script (installs without scripts), so
+    the job runs the launcher's module."""
     data = prepare_corpus(tmp_path / "data", train_utts=24, dev_utts=4)
     exp = tmp_path / "exp"
     args = ["--config", "tiny_moe", "--ds-config", str(REPO / "ds_configs" / "zero2_fp32.json"),
@@ -44,7 +46,14 @@ def test_sbatch_trains_tiny_moe_with_expert_parallelism_2(slurm, tmp_path, mode)
             "--max-steps", "3"]
     for item in [*TINY, f"model.vocab_size={data['vocab']}", "train.expert_parallel_size=2"]:
         args += ["--set", item]
-    env = {**slurm, "PYTHON": sys.executable, "LAUNCH_MODE": mode, "OMP_NUM_THREADS": "1"}
+    python = sys.executable
+    if not script:
+        wrapper = tmp_path / "bin" / "python3"
+        wrapper.parent.mkdir()
+        wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+        wrapper.chmod(0o755)
+        python = str(wrapper)
+    env = {**slurm, "PYTHON": python, "LAUNCH_MODE": mode, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "job.out"
     job = subprocess.run(["sbatch", "--wait", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
                           f"--output={out}", str(REPO / "launch" / "slurm_train.sbatch"), *args],
