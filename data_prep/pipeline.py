@@ -103,6 +103,15 @@ class AsrDataLoader(DataLoader):
         self.set_epoch(epoch)
         self._prefetched = (epoch, super().__iter__())
 
+    def epoch_batches(self, epoch: int, prefetch_next: bool = True) -> Iterator[dict[str, Any]]:
+        """Epoch `epoch`'s batches, with the next epoch's workers started once this one's
+        iteration has (`prefetch`), as training reads them."""
+        self.set_epoch(epoch)
+        batches = iter(self)
+        if prefetch_next:
+            self.prefetch(epoch + 1)
+        return batches
+
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
         # The pipeline draws from its own per-reader streams (dither included); the workers'

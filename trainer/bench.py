@@ -52,8 +52,7 @@ def measure_loader(trainer: Any, max_batches: int) -> tuple[dict[str, float], li
     first = None
     audio = 0.0
     kept: list[dict[str, Any]] = []
-    batches = iter(loader)
-    loader.prefetch(1)
+    batches = loader.epoch_batches(0)
     for count, batch in enumerate(batches, 1):
         if first is None:
             first = time.perf_counter() - started
@@ -143,9 +142,7 @@ def measure_live_steps(trainer: Any, steps: int, warmup: int = 3) -> dict[str, f
     audio = waited = in_step = 0.0
     done, epoch, started = 0, 0, 0.0
     while done < warmup + steps:
-        loader.set_epoch(epoch)
-        batches = iter(loader)
-        loader.prefetch(epoch + 1)
+        batches = loader.epoch_batches(epoch)
         while done < warmup + steps:
             t0 = time.perf_counter()
             batch = next(batches, None)

@@ -246,13 +246,11 @@ class Trainer:
         # 0's clock decides (one tiny all-reduce per step), so every rank stops after the same step.
         deadline = time.monotonic() + 60 * self.max_minutes if self.max_minutes else None
         while self.epoch < t.max_epochs and not done:
-            loader.set_epoch(self.epoch)
             self.engine.train()
-            batches = iter(loader)
+            # The next epoch's workers fill their buffers during this one.
+            batches = loader.epoch_batches(self.epoch, prefetch_next=self.epoch + 1 < t.max_epochs)
             for _ in range(self.batches_in_epoch):  # resume mid-epoch: the same stream, fast-forwarded
                 next(batches, None)
-            if self.epoch + 1 < t.max_epochs:
-                loader.prefetch(self.epoch + 1)  # its workers fill their buffers during this epoch
             while True:
                 waited = time.perf_counter()
                 batch = next(batches, None)
