@@ -5,22 +5,11 @@ import copy
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
+from op_counting import OpCalls
 from test_trainer import NO_DROPOUT
 from u2moe.config import load_config
 from u2moe.model import U2Model
 from u2moe.trainer.compute_weights import Bf16ComputeWeights
-
-
-class CountCasts(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.casts = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.casts += func.overloadpacket is torch.ops.aten._to_copy
-        return func(*args, **(kwargs or {}))
 
 
 def _batch(device):
@@ -33,7 +22,7 @@ def _batch(device):
 def _autocast_step(model, batch, compute_weights=None):
     """One forward (seeded: dynamic chunk training draws a chunk size) and backward; returns
     the loss and the number of dtype casts dispatched."""
-    counter = CountCasts()
+    counter = OpCalls("_to_copy")
     device = batch[0].device.type
     torch.manual_seed(0)
     with counter:
@@ -47,7 +36,7 @@ def _autocast_step(model, batch, compute_weights=None):
                 loss = model(*batch)["loss"]
             loss.backward()
             compute_weights.move_grads()
-    return loss.detach(), counter.casts
+    return loss.detach(), counter.calls
 
 
 def _same(got, want, device):

@@ -199,18 +199,10 @@ def test_moe_layers_of_one_forward_share_the_padding_removal():
     its real frames once (`nonzero` reads a count to the host, a synchronisation on a GPU), and
     each forward's new mask is found anew. Loss and gradients equal a model whose layers each
     find their own."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+    from op_counting import OpCalls
     from u2moe.config import load_config
     from u2moe.model import U2Model
     from u2moe.model.moe import layer as moe_layer
-
-    class CountNonzero(TorchDispatchMode):
-        calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            CountNonzero.calls += func.overloadpacket.__name__ == "nonzero"
-            return func(*args, **(kwargs or {}))
 
     cfg = load_config("tiny_moe").model
     torch.manual_seed(0)
@@ -231,17 +223,15 @@ def test_moe_layers_of_one_forward_share_the_padding_removal():
                                                   allow_unused=True)
 
     for seed in (0, 1):  # a second forward, with new masks, finds them anew
-        with CountNonzero():
-            CountNonzero.calls = 0
+        with OpCalls("nonzero") as nonzero:
             shared = loss_and_grads(seed)
-            assert CountNonzero.calls <= 3 < moe_calls  # encoder, left and right decoder masks
+        assert nonzero.calls <= 3 < moe_calls  # encoder, left and right decoder masks
         own = moe_layer._real_frame_positions
         moe_layer._shared_real_frame_positions = own  # every layer computes its own
         try:
-            with CountNonzero():
-                CountNonzero.calls = 0
+            with OpCalls("nonzero") as nonzero:
                 alone = loss_and_grads(seed)
-                assert CountNonzero.calls == moe_calls
+            assert nonzero.calls == moe_calls
         finally:
             moe_layer._shared_real_frame_positions = moe_layer._SharedRealFramePositions()
         torch.testing.assert_close(shared[0], alone[0], rtol=0, atol=0)

@@ -443,19 +443,11 @@ def test_compiled_layers_train_like_eager_ones(corpus, tmp_path):
 def _one_process_backward(rank, world, port, queue, corpus, exp_dir):
     import copy
 
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+    from op_counting import OpCalls
     from trainer_helpers import TINY
     from u2moe.config import load_config
     from u2moe.trainer.distributed import distributed
     from u2moe.trainer.train import Trainer, TrainPaths
-
-    class CountCopies(TorchDispatchMode):
-        copies = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.copies += func.overloadpacket is torch.ops.aten.copy_
-            return func(*args, **(kwargs or {}))
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_PORT=str(port))
     cfg = load_config("tiny_moe", [*TINY, *NO_DROPOUT, f"model.vocab_size={corpus['vocab']}",
@@ -475,12 +467,12 @@ def _one_process_backward(rank, world, port, queue, corpus, exp_dir):
         trainer.engine.train()
         torch.manual_seed(0)
         out = trainer.engine(*inputs)
-        counter = CountCopies()
+        counter = OpCalls("copy_")
         with counter:
             trainer.engine.backward(out["loss"])
         grads = {n: (p.grad, dict(reference.named_parameters())[n].grad) for n, p in trainer.model.named_parameters()}
         compute_weights = trainer.compute_weights is not None
-    send_result(queue, rank, (grads, counter.copies, compute_weights))
+    send_result(queue, rank, (grads, counter.calls, compute_weights))
 
 
 def test_one_process_backward_is_plain_autograd_without_per_parameter_copies(corpus, tmp_path):
