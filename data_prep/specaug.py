@@ -18,21 +18,31 @@ def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, cfg: SpecAugConfig,
     batch, frames, bins = feats.shape
     if batch == 1 and feats.device.type == "cpu":
         return _spec_augment_one(feats, int(lengths[0]), cfg, generator)
-    # Draw on the CPU (where the generator lives); only the two small [B, axis] masks move.
-    lengths_cpu = lengths.detach().to("cpu", torch.long).clamp(min=1)
-    freq = _band_mask(batch, bins, torch.full((batch,), bins), cfg.num_freq_masks, cfg.max_freq_width, generator)
-    time = _band_mask(batch, frames, lengths_cpu, cfg.num_time_masks, cfg.max_time_width, generator)
-    mask = time.to(feats.device)[:, :, None] | freq.to(feats.device)[:, None, :]
-    return feats.masked_fill(mask, 0.0)
+    # Only the draws (a few numbers per utterance) come from the CPU generator, in one copy to the
+    # features' device; the masks are built there. Building [B, T] masks on the host cost the
+    # training process a read-back of the lengths and, past torch's parallel grain (20k-frame
+    # batches), OpenMP regions whose idle threads then spin (bench/omp_spin.py).
+    device = feats.device
+    draws = [_draw(batch, cfg.num_freq_masks, cfg.max_freq_width, generator),
+             _draw(batch, cfg.num_time_masks, cfg.max_time_width, generator)]
+    freq_u, freq_w, time_u, time_w = torch.cat([t for d in draws for t in d], 1).to(device, non_blocking=True).split(
+        [cfg.num_freq_masks] * 2 + [cfg.num_time_masks] * 2, dim=1)
+    freq = _band_mask(bins, torch.full((batch,), bins, device=device), freq_u, freq_w)
+    time = _band_mask(frames, lengths.detach().to(device, torch.long).clamp(min=1), time_u, time_w)
+    return feats.masked_fill(time[:, :, None] | freq[:, None, :], 0.0)
 
 
-def _band_mask(batch: int, size: int, limit: torch.Tensor, count: int, max_width: int,
-               generator: torch.Generator | None) -> torch.Tensor:
-    """[B, size] bool: `count` bands per row, each starting below that row's limit."""
-    start = (torch.rand(batch, count, generator=generator) * limit[:, None]).long()
-    width = torch.randint(1, max_width + 1, (batch, count), generator=generator)
-    end = torch.minimum(start + width, limit[:, None])
-    pos = torch.arange(size)
+def _draw(batch: int, count: int, max_width: int, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
+    """Per row, `count` uniform starts in [0, 1) and widths in 1..max_width (as floats: one copy)."""
+    uniform = torch.rand(batch, count, generator=generator)
+    return uniform, torch.randint(1, max_width + 1, (batch, count), generator=generator).float()
+
+
+def _band_mask(size: int, limit: torch.Tensor, uniform: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+    """[B, size] bool: per row, bands starting at uniform * limit, `width` wide, clipped at limit."""
+    start = (uniform * limit[:, None]).long()
+    end = torch.minimum(start + width.long(), limit[:, None])
+    pos = torch.arange(size, device=limit.device)
     return ((pos >= start[..., None]) & (pos < end[..., None])).any(dim=1)
 
 
@@ -52,7 +62,7 @@ def _spec_augment_one(feats: torch.Tensor, length: int, cfg: SpecAugConfig,
 
 
 def _bands(limit: int, count: int, max_width: int, generator: torch.Generator | None) -> list[tuple[int, int]]:
-    """`count` (start, end) bands below `limit`, drawn exactly as _band_mask draws one row."""
-    start = (torch.rand(1, count, generator=generator) * limit).long()
-    width = torch.randint(1, max_width + 1, (1, count), generator=generator)
-    return [(s, min(s + w, limit)) for s, w in zip(start[0].tolist(), width[0].tolist())]
+    """`count` (start, end) bands below `limit`, drawn exactly as `_draw` draws one row."""
+    uniform, width = _draw(1, count, max_width, generator)
+    start = (uniform * limit).long()
+    return [(s, min(s + w, limit)) for s, w in zip(start[0].tolist(), width[0].long().tolist())]

@@ -165,6 +165,48 @@ def test_spec_augment_bands_stay_inside_each_utterance():
             assert cols.any() and rows[:n].any()
 
 
+def _spec_augment_reference(feats, lengths, cfg, seed):
+    """The documented draws (per batch: frequency starts and widths, then time starts and widths),
+    applied row by row and band by band."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, _, bins = feats.shape
+    draws = []
+    for count, width in ((cfg.num_freq_masks, cfg.max_freq_width), (cfg.num_time_masks, cfg.max_time_width)):
+        draws.append((torch.rand(batch, count, generator=gen),
+                      torch.randint(1, width + 1, (batch, count), generator=gen)))
+    out = feats.clone()
+    for i in range(batch):
+        n = max(int(lengths[i]), 1)
+        for (u, w), limit, axis in zip(draws, (bins, n), (2, 1)):
+            for j in range(u.shape[1]):
+                start = int(float(u[i, j]) * limit)
+                end = min(start + int(w[i, j]), limit)
+                if axis == 2:
+                    out[i, :, start:end] = 0.0
+                else:
+                    out[i, start:end] = 0.0
+    return out
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device")])])
+def test_batched_spec_augment_equals_masking_each_utterance_without_host_syncs(device):
+    cfg = SpecAugConfig(num_freq_masks=2, max_freq_width=10, num_time_masks=3, max_time_width=40)
+    lengths = torch.tensor([300, 251, 120, 7, 0])
+    feats = torch.randn(5, 300, 80, generator=torch.Generator().manual_seed(0))
+    for seed in range(20):
+        expected = _spec_augment_reference(feats, lengths, cfg, seed)
+        x, n = feats.to(device), lengths.to(device)
+        if device == "cuda":  # draws go to the device; nothing comes back
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = spec_augment(x, n, cfg, torch.Generator().manual_seed(seed))
+        finally:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+        assert torch.equal(out.cpu(), expected)
+
+
 def test_speed_perturbation_scales_tempo_and_pitch():
     rate, freq = 16000, 500.0
     wave = torch.sin(2 * torch.pi * freq * torch.arange(2 * rate) / rate)

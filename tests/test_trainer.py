@@ -406,6 +406,25 @@ def test_gpu_memory_cap_refuses_allocations_past_it():
         torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
+def test_host_threads_are_limited_on_a_gpu_only():
+    from u2moe.dataconf import ConfigError
+    from u2moe.trainer.distributed import limit_host_threads
+
+    default = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        limit_host_threads(torch.device("cpu"), 1)  # the model's math runs here: untouched
+        assert torch.get_num_threads() == 2
+        limit_host_threads(torch.device("cuda", 0), 0)  # 0: torch's default stays
+        assert torch.get_num_threads() == 2
+        limit_host_threads(torch.device("cuda", 0), 1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(default)
+    with pytest.raises(ConfigError, match="host_threads"):
+        TrainConfig(host_threads=-1)
+
+
 def test_a_diverged_run_is_not_checkpointed(corpus, tmp_path):
     """A non-finite gradient norm (here from an absurd learning rate) stops the run at the next
     checkpoint instead of writing NaN weights over the good ones."""

@@ -49,6 +49,12 @@ class TrainConfig:
     # batch shape): fused element-wise kernels, fewer launches for a host-bound step. Costs about
     # a minute of compilation at the start.
     compile: bool = False
+    # CPU threads of each training process's own tensor work when it trains on a GPU (0: torch's
+    # default, one per core). The GPU does the math; the host only launches and runs small ops,
+    # after which an OpenMP pool of one thread per core spin-waits (bench/omp_spin.py): on a 64-core
+    # host that took cores from the data workers and the other runs. CPU training keeps torch's
+    # default (or OMP_NUM_THREADS).
+    host_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1 or self.max_steps < 0:
@@ -57,5 +63,5 @@ class TrainConfig:
             raise ConfigError("train needs grad_clip > 0, accum_grad >= 1, expert_parallel_size >= 1")
         if self.num_workers < 0 or self.log_interval < 1 or self.keep_checkpoints < 1:
             raise ConfigError("train needs num_workers >= 0, log_interval >= 1, keep_checkpoints >= 1")
-        if min(self.eval_interval, self.save_interval, self.max_eval_batches) < 0:
-            raise ConfigError("train intervals must be >= 0")
+        if min(self.eval_interval, self.save_interval, self.max_eval_batches, self.host_threads) < 0:
+            raise ConfigError("train intervals and host_threads must be >= 0")

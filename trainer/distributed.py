@@ -112,3 +112,10 @@ def cap_gpu_memory(device: torch.device, gigabytes: float | None) -> None:
                                                  gigabytes, total / 2**30)
         return
     torch.cuda.set_per_process_memory_fraction(fraction, device)
+
+
+def limit_host_threads(device: torch.device, threads: int) -> None:
+    """On a GPU, run this process's CPU tensor work on `threads` threads (0: leave torch's
+    default); on the CPU, where the model's math runs, change nothing."""
+    if device.type != "cpu" and threads > 0:
+        torch.set_num_threads(threads)

@@ -18,7 +18,7 @@ from u2moe.config import ExperimentConfig
 from u2moe.data_prep.errors import DataPrepError
 from u2moe.dataconf import ConfigError, to_dict
 from u2moe.trainer.checkpoint import load_latest, save_checkpoint
-from u2moe.trainer.distributed import DistInfo
+from u2moe.trainer.distributed import DistInfo, limit_host_threads
 from u2moe.trainer.progress import Reporter, ThroughputMeter, gpu_memory_gb
 
 logger = logging.getLogger("u2moe.train")
@@ -71,6 +71,7 @@ class Trainer:
 
         self.cfg, self.paths, self.info = cfg, paths, info
         self.max_minutes = max_minutes
+        limit_host_threads(info.device, cfg.train.host_threads)
         self.tokenizer = Tokenizer.load(paths.units)
         if self.tokenizer.vocab_size != cfg.model.vocab_size:
             raise ConfigError(f"{paths.units}: {self.tokenizer.vocab_size} units, but model.vocab_size is "
