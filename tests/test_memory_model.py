@@ -64,11 +64,15 @@ def test_model_states_match_deepspeed(zero):
             assert state + masters == pytest.approx(predicted.optimizer, rel=0.01)
 
 
-def test_activation_fit_predicts_a_fourth_length_and_checkpointing_cuts_it():
+def test_activation_fit_predicts_a_fourth_length_and_a_batch_and_checkpointing_cuts_it():
     cfg = load_config("tiny_moe", SMALL).model
     fit = fit_activations(cfg, lengths=(200, 400, 800))
-    a, b, c = fit
-    assert measure_activations(cfg, 600) == pytest.approx(a + b * 600 + c * 600**2, rel=0.02)
+    assert fit.step_bytes(600) > 0  # the joint q/k/v weights and position encodings, once per batch
+    assert measure_activations(cfg, 600) == pytest.approx(fit.batch_bytes(600, 600), rel=0.02)
+    # A batch keeps its own share once: scaling one utterance's bytes by the batch would not.
+    batch = measure_activations(cfg, 300, utterances=6)
+    assert batch == pytest.approx(fit.batch_bytes(6 * 300, 300), rel=0.005)
+    assert batch < 6 * fit.batch_bytes(300, 300) * 0.99
     assert measure_activations(cfg, 600, checkpointing=True) < measure_activations(cfg, 600) / 2
 
 
@@ -84,5 +88,5 @@ def test_memory_command_prints_a_plan(tmp_path):
     counts = count_config_parameters(load_config("tiny_moe", []).model)
     states = model_states(counts["total"] - counts["experts"], counts["experts"], 4, 2, 2)
     assert plan["model_states_gb"]["total"] == pytest.approx(states.total / 2**30)
-    room = (0.75 * 2**30 - states.total) / (plan["activation_mb_per_batch_frame"] * 2**20)
+    room = ((0.75 * 2**30 - states.total) / 2**20 - plan["activation_per_step_mb"]) / plan["activation_mb_per_batch_frame"]
     assert room - 1000 < plan["max_batch_frames"] <= room

@@ -12,10 +12,13 @@ has N/P cards, so ZeRO splits shared state N ways and expert state N/P ways, X/N
   Adam's moments (16 bytes) for the whole local model, plus the bf16 copies autocast makes of
   the matmul weights (2 bytes).
 Activations (measured): the bytes the forward pass keeps for backward, counted with
-torch.autograd's saved-tensor hooks on this machine's CPU with bf16 weights, for one utterance
-at three lengths, fitted as a + b T + c T^2 (attention is quadratic in T); a batch of F frames of
-utterances of T frames holds F / T of them. CPU attention keeps its softmax probabilities, which
-GPU kernels recompute, so the quadratic term is an upper bound on a GPU's.
+torch.autograd's saved-tensor hooks on this machine's CPU with bf16 weights. Some are kept once
+per batch whatever its size (training's joint q/k/v projection saves the weights it joins, the
+relative position encodings are the batch's): what a two-utterance batch keeps less than two
+one-utterance batches. That and an utterance's share (what two keep beyond one) are each fitted
+over three lengths as a + b T + c T^2 (attention is quadratic in T); a batch of F frames of
+utterances of T frames holds F / T utterances and one batch's share. CPU attention keeps its softmax
+probabilities, which GPU kernels recompute, so the quadratic term is an upper bound on a GPU's.
 """
 from __future__ import annotations
 
@@ -71,10 +74,10 @@ def _measurement_model(cfg: ModelConfig, checkpointing: bool) -> torch.nn.Module
     return U2Model(replace(cfg, encoder=enc, decoder=dec)).to(torch.bfloat16).train()
 
 
-def _saved_bytes(model: torch.nn.Module, cfg: ModelConfig, input_frames: int) -> int:
+def _saved_bytes(model: torch.nn.Module, cfg: ModelConfig, input_frames: int, utterances: int = 1) -> int:
     tokens = max(2, input_frames // 40)  # about 2.5 tokens a second, BPE-like
-    feats = torch.randn(1, input_frames, cfg.encoder.input_size, dtype=torch.bfloat16)
-    target = torch.randint(1, cfg.vocab_size - 1, (1, tokens))
+    feats = torch.randn(utterances, input_frames, cfg.encoder.input_size, dtype=torch.bfloat16)
+    target = torch.randint(1, cfg.vocab_size - 1, (utterances, tokens))
     saved: dict[int, int] = {}
 
     def keep(t: torch.Tensor) -> torch.Tensor:
@@ -85,30 +88,56 @@ def _saved_bytes(model: torch.nn.Module, cfg: ModelConfig, input_frames: int) ->
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        model(feats, torch.tensor([input_frames]), target, torch.tensor([tokens]))
+        model(feats, torch.full((utterances,), input_frames), target, torch.full((utterances,), tokens))
     return sum(n for ptr, n in saved.items() if ptr not in params)
 
 
-def measure_activations(cfg: ModelConfig, input_frames: int, checkpointing: bool = False) -> int:
-    """Bytes saved for backward by one training forward of a one-utterance batch (CPU, bf16)."""
-    return _saved_bytes(_measurement_model(cfg, checkpointing), cfg, input_frames)
+def measure_activations(cfg: ModelConfig, input_frames: int, checkpointing: bool = False,
+                        utterances: int = 1) -> int:
+    """Bytes saved for backward by one training forward of a batch of `utterances` utterances of
+    `input_frames` frames each (CPU, bf16)."""
+    return _saved_bytes(_measurement_model(cfg, checkpointing), cfg, input_frames, utterances)
+
+
+@dataclass
+class ActivationFit:
+    """Bytes kept for backward, as quadratics in an utterance's input frames T: `per_step` once
+    per batch (weights joined for one product, the relative position encodings of the batch's
+    length), `per_utterance` for each utterance."""
+
+    per_step: tuple[float, float, float]
+    per_utterance: tuple[float, float, float]
+
+    @staticmethod
+    def _at(coeffs: tuple[float, float, float], frames: int) -> float:
+        a, b, c = coeffs
+        return a + b * frames + c * frames**2
+
+    def step_bytes(self, utt_frames: int) -> float:
+        return self._at(self.per_step, utt_frames)
+
+    def utterance_bytes(self, utt_frames: int) -> float:
+        return self._at(self.per_utterance, utt_frames)
+
+    def batch_bytes(self, batch_frames: int, utt_frames: int) -> float:
+        return self.step_bytes(utt_frames) + batch_frames / utt_frames * self.utterance_bytes(utt_frames)
 
 
 def fit_activations(cfg: ModelConfig, lengths: tuple[int, int, int] = (300, 600, 1200),
-                    checkpointing: bool = False) -> tuple[float, float, float]:
-    """(a, b, c) of bytes(T) = a + b T + c T^2, T in input frames, through three measurements
-    on one model (building a 1B model is much of the cost)."""
+                    checkpointing: bool = False) -> ActivationFit:
+    """Batches of one and of two utterances at three lengths, on one model (building a 1B model is
+    much of the cost): what two keep beyond one is an utterance's share, the rest the batch's."""
     model = _measurement_model(cfg, checkpointing)
-    xs = [float(t) for t in lengths]
-    ys = [float(_saved_bytes(model, cfg, t)) for t in lengths]
-    coeffs = torch.linalg.solve(torch.tensor([[1.0, x, x * x] for x in xs], dtype=torch.float64),
-                                torch.tensor(ys, dtype=torch.float64))
-    return tuple(float(c) for c in coeffs)  # type: ignore[return-value]
+    ones = [float(_saved_bytes(model, cfg, t)) for t in lengths]
+    twos = [float(_saved_bytes(model, cfg, t, utterances=2)) for t in lengths]
+    vandermonde = torch.tensor([[1.0, t, t * t] for t in lengths], dtype=torch.float64)
 
+    def fit(ys: list[float]) -> tuple[float, float, float]:
+        coeffs = torch.linalg.solve(vandermonde, torch.tensor(ys, dtype=torch.float64))
+        return tuple(float(c) for c in coeffs)  # type: ignore[return-value]
 
-def activation_bytes(fit: tuple[float, float, float], batch_frames: int, utt_frames: int) -> float:
-    a, b, c = fit
-    return batch_frames / utt_frames * (a + b * utt_frames + c * utt_frames**2)
+    return ActivationFit(per_step=fit([2 * o - t for o, t in zip(ones, twos)]),
+                         per_utterance=fit([t - o for o, t in zip(ones, twos)]))
 
 
 def plan(config: str, gpus: int, ep: int, zero: int, gpu_gb: float, utt_seconds: float,
@@ -120,14 +149,15 @@ def plan(config: str, gpus: int, ep: int, zero: int, gpu_gb: float, utt_seconds:
     states = model_states(counts["total"] - counts["experts"], counts["experts"], gpus, ep, zero)
     fit = fit_activations(cfg, checkpointing=checkpointing)
     utt = int(utt_seconds * 100)
-    per_frame = activation_bytes(fit, 1, utt)
-    room = gpu_gb * GiB - states.total - reserve_gb * GiB
+    per_frame = fit.utterance_bytes(utt) / utt
+    room = gpu_gb * GiB - states.total - reserve_gb * GiB - fit.step_bytes(utt)
     fits = max(0, math.floor(room / per_frame / 1000) * 1000) if room > 0 else 0
     return {"config": config, "gpus": gpus, "ep": ep, "zero": zero, "gpu_gb": gpu_gb,
             "parameters": counts["total"], "expert_parameters": counts["experts"],
             "model_states_gb": {k: v / GiB for k, v in asdict(states).items()} | {"total": states.total / GiB},
-            "activation_fit_bytes": {"a": fit[0], "b_per_frame": fit[1], "c_per_frame2": fit[2]},
-            "utterance_frames": utt, "activation_mb_per_batch_frame": per_frame / 2**20,
+            "activation_fit_bytes": {"per_step": fit.per_step, "per_utterance": fit.per_utterance},
+            "utterance_frames": utt, "activation_per_step_mb": fit.step_bytes(utt) / 2**20,
+            "activation_mb_per_batch_frame": per_frame / 2**20,
             "gradient_checkpointing": checkpointing, "reserve_gb": reserve_gb,
             "max_batch_frames": fits}
 
