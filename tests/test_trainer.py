@@ -332,6 +332,7 @@ def test_bench_train_reads_one_epoch_and_steps(corpus, tmp_path):
     audio = [sf.info(str(root / rel)).duration for rel in read_kaldi_table(root / "train" / "wav.scp").values()]
     assert result["loader_audio_seconds"] == pytest.approx(sum(audio), abs=0.05)
     assert result["steps"] == 2 and result["step_audio_s_per_s"] > 0 and result["aten_ops_per_step"] > 0
+    assert result["step_ms_mean"] == pytest.approx(result["step_ms_median"])  # two steps: the same
     assert result["utt_seconds_mean"] >= 3 and result["batch_audio_s_mean"] >= 3  # steps on joined utterances
     # Live steps run across an epoch end (3 warm-up + 20 steps, more than the epoch's batches),
     # and their time splits into the data wait, the steps and the loop's rest.
