@@ -29,9 +29,10 @@ class ConvolutionModule(nn.Module):
         Returns the output and the new cache (empty for a non-causal module).
         """
         x = x.transpose(1, 2)  # [B, C, T]
-        if valid is not None:
+        padded = None if valid is None else ~valid.unsqueeze(1)  # once for both fills
+        if padded is not None:
             # Padded frames must not leak into real ones through the kernel.
-            x = x.masked_fill(~valid.unsqueeze(1), 0.0)
+            x = x.masked_fill(padded, 0.0)
         if self.lorder > 0:
             if cache is None or cache.size(2) == 0:
                 x = nn.functional.pad(x, (self.lorder, 0))
@@ -47,6 +48,6 @@ class ConvolutionModule(nn.Module):
         else:
             x = self.norm(x)
         x = self.pointwise_conv2(self.activation(x))
-        if valid is not None:
-            x = x.masked_fill(~valid.unsqueeze(1), 0.0)
+        if padded is not None:
+            x = x.masked_fill(padded, 0.0)
         return x.transpose(1, 2), new_cache

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from op_counting import OpCalls
 
 from u2moe.config import load_config
 from u2moe.model.attention import MultiHeadedAttention, RelPositionMultiHeadedAttention
@@ -78,10 +79,15 @@ def test_attention_matches_direct_formula(inputs, training):
     keys = key.size(1)
     mask = torch.ones(1, tq, keys, dtype=torch.bool)
     mask[0, :, -1] = False
-    out, _ = att(query, key, value, mask)
+    with OpCalls("cat") as cats:
+        out, new_cache = att(query, key, value, mask)
     dk = dim // heads
     q, k, v = (lin(x).view(-1, heads, dk) for lin, x in
                ((att.linear_q, query), (att.linear_k, key), (att.linear_v, value)))
+    if training:  # no cache built: only the joint weights and biases are joined
+        assert new_cache.numel() == 0 and cats.calls == (0 if inputs == "three" else 2)
+    else:  # the keys and values, for chunk-by-chunk decoding
+        torch.testing.assert_close(new_cache[0], torch.cat([k, v], dim=-1).transpose(0, 1))
     ref = torch.zeros(tq, heads, dk)
     for h in range(heads):
         for i in range(tq):
@@ -106,6 +112,19 @@ def test_causal_convolution_ignores_the_future():
     torch.testing.assert_close(y[:, :7], y2[:, :7])
     assert not torch.allclose(y[:, 7:], y2[:, 7:])
     assert cache.shape == (1, 8, 4)
+
+
+def test_convolution_zeroes_padding_with_one_mask_inversion():
+    torch.manual_seed(0)
+    conv = ConvolutionModule(8, 5, causal=True, norm="layer_norm").eval()  # the presets' kind
+    x = torch.randn(2, 12, 8)
+    valid = torch.arange(12) < torch.tensor([[12], [7]])
+    with OpCalls("bitwise_not") as inversions:
+        y, _ = conv(x, valid)
+    assert inversions.calls == 1
+    assert not y[1, 7:].any()
+    alone, _ = conv(x[1:, :7])  # trailing padding never reaches a causal kernel's real frames
+    torch.testing.assert_close(y[1:, :7], alone)
 
 
 def _encoder(preset="tiny_moe", **overrides):
