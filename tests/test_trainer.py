@@ -18,7 +18,7 @@ from spawn_helpers import free_port, send_result, spawn_ranks
 from trainer_helpers import (kill_all, prepare_corpus, run, start, train_command, train_losses,
                              wait_for)
 from u2moe.trainer.config import TrainConfig
-from u2moe.trainer.ds_config import DeepSpeedConfigError, load_ds_config, trainer_clips
+from u2moe.trainer.ds_config import DeepSpeedConfigError, load_ds_config, offloads_to_host, trainer_clips
 from u2moe.trainer.scheduler import warmup_lr
 
 
@@ -424,6 +424,12 @@ def test_host_threads_are_limited_on_a_gpu_only():
         torch.set_num_threads(default)
     with pytest.raises(ConfigError, match="host_threads"):
         TrainConfig(host_threads=-1)
+    # The trainer leaves them when ZeRO offloads to the host, whose cores then run the optimizer.
+    offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    assert offloads_to_host(offload) and offloads_to_host({"zero_optimization": {"offload_param": {"device": "nvme"}}})
+    assert not offloads_to_host({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}})
+    shipped = Path(__file__).resolve().parents[1] / "ds_configs" / "zero2_bf16.json"
+    assert not offloads_to_host(load_ds_config(shipped, TrainConfig(), 1))
 
 
 def test_a_diverged_run_is_not_checkpointed(corpus, tmp_path):

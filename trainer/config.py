@@ -52,8 +52,8 @@ class TrainConfig:
     # CPU threads of each training process's own tensor work when it trains on a GPU (0: torch's
     # default, one per core). The GPU does the math; the host only launches and runs small ops,
     # after which an OpenMP pool of one thread per core spin-waits (bench/omp_spin.py): on a 64-core
-    # host that took cores from the data workers and the other runs. CPU training keeps torch's
-    # default (or OMP_NUM_THREADS).
+    # host that took cores from the data workers and the other runs. CPU training, and ZeRO
+    # offloading to the host (whose optimizer step runs there), keep torch's default.
     host_threads: int = 1
 
     def __post_init__(self) -> None:

@@ -71,6 +71,13 @@ def trainer_clips(cfg: dict[str, Any]) -> bool:
     return cfg.get("zero_optimization", {}).get("stage", 0) == 0
 
 
+def offloads_to_host(cfg: dict[str, Any]) -> bool:
+    """Whether ZeRO keeps optimizer state or parameters off the GPU (its optimizer step then
+    runs on the host's cores)."""
+    zero = cfg.get("zero_optimization", {})
+    return any(zero.get(key, {}).get("device", "none") != "none" for key in ("offload_optimizer", "offload_param"))
+
+
 def autocast_dtype(cfg: dict[str, Any]) -> torch.dtype | None:
     """The dtype of DeepSpeed's `torch_autocast` mode (fp32 weights and optimizer, matmuls in
     bf16/fp16 under torch.autocast), None when it is off."""

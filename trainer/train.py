@@ -65,18 +65,20 @@ class Trainer:
         from u2moe.model.flops import peak_tflops
         from u2moe.trainer.clipping import GradClipper
         from u2moe.trainer.compute_weights import Bf16ComputeWeights
-        from u2moe.trainer.ds_config import autocast_dtype, load_ds_config, precision, trainer_clips
+        from u2moe.trainer.ds_config import (autocast_dtype, load_ds_config, offloads_to_host, precision,
+                                             trainer_clips)
         from u2moe.trainer.optim import build_optimizer
         from u2moe.trainer.scheduler import warmup_lr
 
         self.cfg, self.paths, self.info = cfg, paths, info
         self.max_minutes = max_minutes
-        limit_host_threads(info.device, cfg.train.host_threads)
         self.tokenizer = Tokenizer.load(paths.units)
         if self.tokenizer.vocab_size != cfg.model.vocab_size:
             raise ConfigError(f"{paths.units}: {self.tokenizer.vocab_size} units, but model.vocab_size is "
                              f"{cfg.model.vocab_size}; set --set model.vocab_size={self.tokenizer.vocab_size}")
         ds_cfg = load_ds_config(paths.ds_config, cfg.train, info.world_size)
+        if not offloads_to_host(ds_cfg):  # an offloaded optimizer step needs the host's threads
+            limit_host_threads(info.device, cfg.train.host_threads)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision(ds_cfg)]
         self.autocast = autocast_dtype(ds_cfg)  # DeepSpeed applies it in training; evaluate() too
         torch.manual_seed(cfg.train.seed)
