@@ -78,3 +78,64 @@ def test_compute_weights_give_autocasts_gradients_bit_for_bit_with_fewer_casts(p
     # The router's gate runs in fp32 by design: it keeps its own fp32 weight.
     assert not any(p is router.weight for m in model.modules() if hasattr(m, "router")
                    for router in [m.router] for p in weights.params)
+
+
+def _bf16_reference(model):
+    """The model as DeepSpeed's bf16 engine holds it, but with the trainer's fp32 exceptions:
+    every weight in bf16 except the routers' gates and batch norms."""
+    from u2moe.model.moe.router import TopKRouter
+
+    reference = copy.deepcopy(model)
+    for module in reference.modules():
+        if not isinstance(module, (TopKRouter, torch.nn.modules.batchnorm._BatchNorm)):
+            for name, param in module.named_parameters(recurse=False):
+                setattr(module, name, torch.nn.Parameter(param.detach().to(torch.bfloat16)))
+    return reference
+
+
+def _bf16_backward(model, batch, compute_weights=None):
+    torch.manual_seed(0)
+    feats, *rest = batch
+    if compute_weights is None:
+        loss = model(feats.to(torch.bfloat16), *rest)["loss"]
+        loss.backward()
+    else:
+        compute_weights.refresh()
+        with compute_weights.swapped_in():
+            loss = model(feats.to(torch.bfloat16), *rest)["loss"]
+        loss.backward()
+        compute_weights.move_grads()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("preset,sets", [("tiny_dense", ["model.encoder.causal=false", "model.encoder.cnn_module_norm=batch_norm"]),
+                                         ("tiny_moe", [])])
+def test_whole_model_weights_run_the_bf16_model_on_fp32_parameters(preset, sets):
+    """whole_model=True (bf16 without ZeRO, run by the trainer): the losses and gradients of
+    the model held in bf16 (as DeepSpeed's bf16 engine holds it), bit for bit, on fp32 parameters;
+    two micro-batches accumulate in fp32; the router's gate and batch norms stay fp32."""
+    torch.manual_seed(0)
+    model = U2Model(load_config(preset, [*NO_DROPOUT, *sets]).model)
+    weights = Bf16ComputeWeights(model, whole_model=True)
+    kept = {id(p) for m in model.modules() if type(m).__name__ in ("TopKRouter", "BatchNorm1d")
+            for p in m.parameters()}
+    assert kept and all(id(p) not in kept for p in weights.params)
+    assert len(weights.params) + len(kept) == len(list(model.parameters()))
+    batch, second = _batch("cpu"), tuple(t.flip(0) for t in _batch("cpu"))
+    for step in range(2):  # the second after an update: the copies follow the parameters
+        reference = _bf16_reference(model)
+        want = [_bf16_backward(reference, batch)]
+        want_grads = {n: p.grad.float() for n, p in reference.named_parameters()}
+        reference.zero_grad(set_to_none=True)
+        want.append(_bf16_backward(reference, second))
+        for n, p in reference.named_parameters():
+            want_grads[n] += p.grad.float()  # a second micro-batch, summed in fp32
+        got = [_bf16_backward(model, batch, weights), _bf16_backward(model, second, weights)]
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+        for name, param in model.named_parameters():
+            assert param.dtype == param.grad.dtype == torch.float32, name
+            assert torch.equal(param.grad, want_grads[name]), name
+        with torch.no_grad():
+            for p in model.parameters():
+                p.sub_(0.01 * p.grad)
+        model.zero_grad(set_to_none=True)

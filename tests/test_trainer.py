@@ -18,7 +18,8 @@ from spawn_helpers import free_port, send_result, spawn_ranks
 from trainer_helpers import (kill_all, prepare_corpus, run, start, train_command, train_losses,
                              wait_for)
 from u2moe.trainer.config import TrainConfig
-from u2moe.trainer.ds_config import DeepSpeedConfigError, load_ds_config, offloads_to_host, trainer_clips
+from u2moe.trainer.ds_config import (DeepSpeedConfigError, engine_config, load_ds_config, offloads_to_host, precision,
+                                     trainer_clips, trainer_runs_bf16)
 from u2moe.trainer.scheduler import warmup_lr
 
 
@@ -42,9 +43,18 @@ def test_ds_config_refuses_what_the_yaml_owns(tmp_path):
     path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     with pytest.raises(DeepSpeedConfigError, match="stage 3"):
         load_ds_config(path, TrainConfig(), 2)
+    path.write_text(json.dumps({"zero_optimization": {"stage": 0}, "fp16": {"enabled": True}}))
+    with pytest.raises(DeepSpeedConfigError, match="fp16 needs ZeRO"):
+        load_ds_config(path, TrainConfig(), 1)
+    # bf16 without ZeRO: the trainer's own bf16 mode, one process only, on an fp32 engine.
     path.write_text(json.dumps({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}))
-    with pytest.raises(DeepSpeedConfigError, match="torch_autocast"):
+    with pytest.raises(DeepSpeedConfigError, match="one process.*not 2"):
         load_ds_config(path, TrainConfig(), 2)
+    cfg = load_ds_config(path, TrainConfig(), 1)
+    assert trainer_runs_bf16(cfg) and precision(cfg) == "bf16" and "bf16" not in engine_config(cfg)
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}))
+    cfg = load_ds_config(path, TrainConfig(), 2)
+    assert not trainer_runs_bf16(cfg) and engine_config(cfg) is cfg
     path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True},
                                 "torch_autocast": {"enabled": True}}))
     with pytest.raises(DeepSpeedConfigError, match="bf16 and torch_autocast"):
@@ -248,12 +258,13 @@ def test_an_epoch_without_a_step_stops_the_run(corpus, tmp_path):
 
 def test_run_summary_counts_every_trained_second_of_audio(corpus, tmp_path):
     """The closing line of `u2moe train`: audio trained (2 epochs of the whole training set) per
-    second of training time, evaluation and checkpoints left out."""
+    second of training time, evaluation and checkpoints left out. (Run in the trainer's own bf16
+    mode, whose dev evaluations also run the bf16 model.)"""
     from test_data_support import read_kaldi_table
 
     exp = tmp_path / "exp"
     started = time.monotonic()
-    run(train_command(corpus, exp, nproc=1, ds_config="zero0_bf16",
+    run(train_command(corpus, exp, nproc=1, ds_config="zero0_pure_bf16",
                       extra=["train.max_epochs=2", "train.expert_parallel_size=1"]),
         timeout=300, log=tmp_path / "train.log")
     wall = time.monotonic() - started
@@ -262,6 +273,8 @@ def test_run_summary_counts_every_trained_second_of_audio(corpus, tmp_path):
     rows = [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines()]
     summary = [r for r in rows if r["split"] == "run"]
     assert len(summary) == 1 and summary[0]["audio_seconds"] == pytest.approx(2 * audio, abs=0.1)
+    dev = [r for r in rows if r["split"] == "dev"]
+    assert len(dev) == 2 and all(math.isfinite(r["loss"]) and 0 <= r["wer"] <= 100 for r in dev), dev
     assert 0 < summary[0]["training_seconds"] < wall
     assert summary[0]["audio_s_per_s"] == pytest.approx(summary[0]["audio_seconds"] / summary[0]["training_seconds"])
     assert "s of audio per second (evaluation and checkpoints excluded)" in (tmp_path / "train.log").read_text()
@@ -341,19 +354,21 @@ def test_bench_train_reads_one_epoch_and_steps(corpus, tmp_path):
     assert 0 < result["live_data_wait_frac"] + result["live_in_step_frac"] <= 1
 
 
-def test_zero0_autocast_resumes_exactly_and_keeps_fp32_weights(corpus, tmp_path):
-    """ds_configs/zero0_bf16.json (no ZeRO, torch.autocast bf16): a run stopped at step 2 and
-    resumed matches the straight run's losses; weights and exported model stay fp32."""
+@pytest.mark.parametrize("ds_config", ["zero0_bf16", "zero0_pure_bf16"])
+def test_zero0_bf16_resumes_exactly_and_keeps_fp32_weights(corpus, tmp_path, ds_config):
+    """No ZeRO, bf16 (ds_configs/zero0_bf16.json: torch.autocast; zero0_pure_bf16.json: the
+    whole model in bf16, run by the trainer): a run stopped at step 2 and resumed matches the
+    straight run's losses; weights and exported model stay fp32."""
     from u2moe.model.checkpoint import load_model_file
     from u2moe.trainer.export import export_model
 
     extra = ["train.save_interval=2", "train.max_epochs=5", "train.expert_parallel_size=1"]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run(train_command(corpus, straight, nproc=1, ds_config="zero0_bf16", extra=[*extra, "train.max_steps=4"]),
+    run(train_command(corpus, straight, nproc=1, ds_config=ds_config, extra=[*extra, "train.max_steps=4"]),
         timeout=300, log=tmp_path / "straight.log")
-    run(train_command(corpus, split, nproc=1, ds_config="zero0_bf16", extra=[*extra, "train.max_steps=2"]),
+    run(train_command(corpus, split, nproc=1, ds_config=ds_config, extra=[*extra, "train.max_steps=2"]),
         timeout=300, log=tmp_path / "first.log")
-    run(train_command(corpus, split, nproc=1, ds_config="zero0_bf16", extra=[*extra, "train.max_steps=4"]),
+    run(train_command(corpus, split, nproc=1, ds_config=ds_config, extra=[*extra, "train.max_steps=4"]),
         timeout=300, log=tmp_path / "resumed.log")
     assert "resumed from step 2" in (tmp_path / "resumed.log").read_text()
     reference, resumed = train_losses(straight), train_losses(split)

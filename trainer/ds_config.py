@@ -50,9 +50,13 @@ def load_ds_config(path: str | Path, train: TrainConfig, world_size: int) -> dic
         autocast_dtype(cfg)
     except KeyError as err:
         raise DeepSpeedConfigError(f"{path}: torch_autocast.dtype {err} is not bfloat16 or float16") from None
-    if stage == 0 and precision(cfg) != "fp32":
-        raise DeepSpeedConfigError(f"{path}: without ZeRO (stage 0) the weights stay fp32: use "
-                                   '"torch_autocast": {"enabled": true, "dtype": "bfloat16"} instead of fp16/bf16')
+    if stage == 0 and precision(cfg) == "fp16":
+        raise DeepSpeedConfigError(f"{path}: fp16 needs ZeRO-1/2 (its loss scaling lives there); without ZeRO "
+                                   'use "bf16" or "torch_autocast": {"enabled": true, "dtype": "bfloat16"}')
+    if trainer_runs_bf16(cfg) and world_size > 1:
+        raise DeepSpeedConfigError(f"{path}: bf16 without ZeRO runs on one process (the trainer keeps the fp32 "
+                                   f"master weights, trainer/compute_weights.py), not {world_size}: use ZeRO-1/2 "
+                                   'with bf16, or "torch_autocast"')
     # One dynamic batch is one DeepSpeed micro-batch.
     cfg["train_micro_batch_size_per_gpu"] = 1
     cfg["gradient_accumulation_steps"] = train.accum_grad
@@ -64,6 +68,18 @@ def load_ds_config(path: str | Path, train: TrainConfig, world_size: int) -> dic
     cfg["zero_allow_untested_optimizer"] = True
     cfg.setdefault("steps_per_print", 10**9)
     return cfg
+
+
+def trainer_runs_bf16(cfg: dict[str, Any]) -> bool:
+    """bf16 without ZeRO: the trainer runs DeepSpeed's bf16 arithmetic itself (a bf16 model on
+    fp32 master weights, trainer/compute_weights.py), where DeepSpeed's own bf16 optimizer would
+    check and copy every parameter separately; DeepSpeed's engine gets `engine_config`."""
+    return cfg.get("zero_optimization", {}).get("stage", 0) == 0 and precision(cfg) == "bf16"
+
+
+def engine_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config handed to deepspeed.initialize: an fp32 engine where the trainer runs bf16."""
+    return {k: v for k, v in cfg.items() if k != "bf16"} if trainer_runs_bf16(cfg) else cfg
 
 
 def trainer_clips(cfg: dict[str, Any]) -> bool:

@@ -10,7 +10,8 @@ has N/P cards, so ZeRO splits shared state N ways and expert state N/P ways, X/N
   gradients and Adam's two moments (16 bytes) for this card's partition.
 - no ZeRO with torch_autocast (`ds_configs/zero0_bf16.json`): fp32 weights, fp32 gradients and
   Adam's moments (16 bytes) for the whole local model, plus the bf16 copies autocast makes of
-  the matmul weights (2 bytes).
+  the matmul weights (2 bytes); the same with `zero0_pure_bf16.json`, whose bf16 copies are of
+  every weight (the matmul weights are nearly all of them).
 Activations (measured): the bytes the forward pass keeps for backward, counted with
 torch.autograd's saved-tensor hooks on this machine's CPU with bf16 weights. Some are kept once
 per batch whatever its size (training's joint q/k/v projection saves the weights it joins, the

@@ -5,7 +5,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,8 +65,8 @@ class Trainer:
         from u2moe.model.flops import peak_tflops
         from u2moe.trainer.clipping import GradClipper
         from u2moe.trainer.compute_weights import Bf16ComputeWeights
-        from u2moe.trainer.ds_config import (autocast_dtype, load_ds_config, offloads_to_host, precision,
-                                             trainer_clips)
+        from u2moe.trainer.ds_config import (autocast_dtype, engine_config, load_ds_config, offloads_to_host,
+                                             precision, trainer_clips, trainer_runs_bf16)
         from u2moe.trainer.optim import build_optimizer
         from u2moe.trainer.scheduler import warmup_lr
 
@@ -99,24 +99,28 @@ class Trainer:
         # On the device before the optimizer is built: torch's fused AdamW (one kernel for all
         # parameters) needs device parameters; ZeRO replaces them with its own flat partitions.
         model.to(info.device)
+        if cfg.train.compile and trainer_runs_bf16(ds_cfg):
+            raise ConfigError(f"train.compile: not with bf16 without ZeRO ({paths.ds_config}), whose forward swaps in "
+                              "bf16 weights every step; use torch_autocast")
         if cfg.train.compile:
             for layer in [*model.encoder.encoders, *model.decoder.layers()]:
                 layer.compile(dynamic=True)  # in place: parameter names, checkpoints unchanged
         optimizer = build_optimizer(model, cfg.optim)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=warmup_lr(optimizer, cfg.optim.warmup_steps),
-            config=ds_cfg)
+            config=engine_config(ds_cfg))
         one_plain_process = info.world_size == 1 and not self.engine.zero_optimization()
         if one_plain_process:
             # Nothing to reduce, yet DeepSpeed would flatten every gradient into a bucket,
             # "all-reduce" it and copy it back: one copy per parameter and step, about a tenth of
             # a host-bound step's launches (docs/RESULTS.md, issue 10).
             self.engine.enable_backward_allreduce = False
-        # Persistent bf16 copies of the weights autocast would cast every step (trainer/compute_weights.py).
-        self.compute_weights = Bf16ComputeWeights(model) if (
-            one_plain_process and not cfg.train.compile and self.engine.torch_autocast_enabled()
-            and self.engine.torch_autocast_dtype() == torch.bfloat16
-            and self.engine.gradient_accumulation_steps() == 1) else None
+        # Persistent bf16 copies of the weights (trainer/compute_weights.py): those autocast would
+        # cast every step, or all of them where the trainer runs DeepSpeed's bf16 mode itself
+        # (load_ds_config allows that for one process only).
+        self.compute_weights = Bf16ComputeWeights(model, whole_model=True) if trainer_runs_bf16(ds_cfg) else (
+            Bf16ComputeWeights(model) if one_plain_process and not cfg.train.compile
+            and self.autocast == torch.bfloat16 else None)
         self.model = model
         self.clipper = GradClipper(model, cfg.train.grad_clip, expert_group) if trainer_clips(ds_cfg) else None
         self.grad_norm: torch.Tensor | None = None  # the last step's, when the trainer clips
@@ -166,14 +170,11 @@ class Trainer:
         """Forward, backward and (at an accumulation boundary) optimizer step on one micro-batch:
         (the loss terms and frame count as device scalars, whether the optimizer stepped)."""
         feats, lens, target, target_lens = self._inputs(batch, train=True)
-        weights = self.compute_weights
-        if weights is not None:
-            weights.refresh()
-        with weights.swapped_in() if weights is not None else nullcontext():
+        with self._on_compute_weights():
             out = self.engine(feats, lens, target, target_lens)
         self.engine.backward(out["loss"])
-        if weights is not None:
-            weights.move_grads()
+        if self.compute_weights is not None:
+            self.compute_weights.move_grads()
         boundary = self.engine.is_gradient_accumulation_boundary()
         if boundary and self.clipper is not None:
             self.grad_norm = self.clipper()
@@ -341,8 +342,21 @@ class Trainer:
 
     def evaluate(self, dev_loader: Any, step: int) -> dict[str, float]:
         with torch.no_grad(), torch.autocast(self.info.device.type, dtype=self.autocast or torch.float32,
-                                             enabled=self.autocast is not None), self._paused():
+                                             enabled=self.autocast is not None), self._paused(), \
+                self._on_compute_weights():
             return self._evaluate(dev_loader, step)
+
+    @contextmanager
+    def _on_compute_weights(self) -> Iterator[None]:
+        """The model holds the bf16 compute weights, refreshed from the parameters, if it has any
+        (the forwards of training and evaluation run in the same precision)."""
+        weights = self.compute_weights
+        if weights is None:
+            yield
+            return
+        weights.refresh()
+        with weights.swapped_in():
+            yield
 
     def _evaluate(self, dev_loader: Any, step: int) -> dict[str, float]:
         """Dev losses (averaged over the utterances of all ranks) and CTC-greedy CER/WER.
