@@ -525,3 +525,63 @@ def test_one_process_backward_is_plain_autograd_without_per_parameter_copies(cor
     assert compute_weights  # one process, no ZeRO, bf16 autocast: trainer/compute_weights.py
     for name, (got, want) in grads.items():
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+def _accumulated_grads(rank, world, port, queue, corpus, exp_dir, ds_config):
+    import copy
+
+    from test_compute_weights import _bf16_reference
+    from trainer_helpers import TINY
+    from u2moe.config import load_config
+    from u2moe.trainer.distributed import distributed
+    from u2moe.trainer.train import Trainer, TrainPaths
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_PORT=str(port))
+    cfg = load_config("tiny_moe", [*TINY, *NO_DROPOUT, f"model.vocab_size={corpus['vocab']}",
+                                   "train.expert_parallel_size=1", "train.accum_grad=2"])
+    repo = Path(__file__).resolve().parents[1]
+    paths = TrainPaths(str(corpus["train"]), str(corpus["dev"]), str(corpus["units"]), str(corpus["cmvn"]),
+                       exp_dir, str(repo / "ds_configs" / f"{ds_config}.json"))
+    with distributed() as info:
+        trainer = Trainer(cfg, paths, info)
+        batches = iter(trainer._loader(paths.train_shards, train=True))
+        inputs = [trainer._inputs(next(batches), train=True) for _ in range(2)]
+        pure = ds_config == "zero0_pure_bf16"
+        trainer.engine.train()
+        reference = _bf16_reference(trainer.model) if pure else copy.deepcopy(trainer.model)
+        want: dict[str, torch.Tensor] = {}
+        for feats, *rest in inputs:  # DeepSpeed divides each micro-batch's loss by the accumulation steps
+            torch.manual_seed(0)  # the same dynamic chunk size in both forwards
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not pure):
+                loss = reference(feats, *rest)["loss"]
+            (loss / 2).backward()
+            for name, param in reference.named_parameters():  # summed in fp32 (a bf16 model's grads are bf16)
+                want[name] = want[name] + param.grad.float() if name in want else param.grad.float()
+            reference.zero_grad(set_to_none=True)
+        seen = {}
+
+        def snapshot():  # the trainer clips at the boundary, before the optimizer step
+            seen.update({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
+            return None
+
+        trainer.clipper = snapshot
+        stepped = []
+        for batch_inputs in inputs:
+            trainer._inputs = lambda batch, train, given=batch_inputs: given
+            torch.manual_seed(0)
+            stepped.append(trainer.train_step({})[1])
+        grads = {n: (seen[n], want[n]) for n in want}
+        used = trainer.compute_weights is not None
+    send_result(queue, rank, (grads, stepped, used))
+
+
+@pytest.mark.parametrize("ds_config", ["zero0_bf16", "zero0_pure_bf16"])
+def test_one_process_bf16_accumulates_micro_batches_in_fp32(corpus, tmp_path, ds_config):
+    """train.accum_grad=2, one process, no ZeRO, on the trainer's bf16 compute weights: the
+    gradients at the accumulation boundary are those of plain autograd over the two micro-batches
+    (autocast's, or the bf16-held model's widened), summed in fp32, bit for bit."""
+    grads, stepped, used = spawn_ranks(_accumulated_grads, 1, corpus, tmp_path / "exp", ds_config)[0]
+    assert used and stepped == [False, True]
+    for name, (got, want) in grads.items():
+        assert got.dtype == torch.float32, name
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
