@@ -42,6 +42,11 @@ class ConvolutionModule(nn.Module):
         else:
             new_cache = x.new_zeros(x.size(0), x.size(1), 0)
         x = nn.functional.glu(self.pointwise_conv1(x), dim=1)
+        if padded is not None and self.lorder == 0:
+            # A centred kernel reads the frames after an utterance's end, which the pointwise
+            # convolution's bias has made nonzero: zero them again, so that a padded utterance's
+            # real frames see what they would see alone (a causal kernel never reads them).
+            x = x.masked_fill(padded, 0.0)
         x = self.depthwise_conv(x)
         if self.use_layer_norm:
             x = self.norm(x.transpose(1, 2)).transpose(1, 2)

@@ -114,16 +114,22 @@ def test_causal_convolution_ignores_the_future():
     assert cache.shape == (1, 8, 4)
 
 
-def test_convolution_zeroes_padding_with_one_mask_inversion():
+@pytest.mark.parametrize("causal,norm", [(True, "layer_norm"), (False, "layer_norm"), (False, "batch_norm")])
+def test_convolution_zeroes_padding_with_one_mask_inversion(causal, norm):
+    """A padded utterance's real frames come out as if it were alone (for a centred kernel,
+    whose right context reaches into the padding too), padded frames zero."""
     torch.manual_seed(0)
-    conv = ConvolutionModule(8, 5, causal=True, norm="layer_norm").eval()  # the presets' kind
+    conv = ConvolutionModule(8, 5, causal=causal, norm=norm).eval()
+    with torch.no_grad():
+        conv.pointwise_conv1.bias.uniform_(1.0, 2.0)  # a bias that would show through the padding
     x = torch.randn(2, 12, 8)
+    x[1, 7:] = torch.randn(5, 8) * 100  # whatever the padding holds
     valid = torch.arange(12) < torch.tensor([[12], [7]])
     with OpCalls("bitwise_not") as inversions:
         y, _ = conv(x, valid)
     assert inversions.calls == 1
     assert not y[1, 7:].any()
-    alone, _ = conv(x[1:, :7])  # trailing padding never reaches a causal kernel's real frames
+    alone, _ = conv(x[1:, :7])
     torch.testing.assert_close(y[1:, :7], alone)
 
 
@@ -133,10 +139,11 @@ def _encoder(preset="tiny_moe", **overrides):
     return ConformerEncoder(cfg).eval()
 
 
-@pytest.mark.parametrize("preset", ["tiny_dense", "tiny_moe"])
+@pytest.mark.parametrize("preset,overrides", [("tiny_dense", {}), ("tiny_moe", {}),
+                                              ("tiny_dense", {"causal": "false", "cnn_module_norm": "batch_norm"})])
 @pytest.mark.parametrize("chunk", [0, 4])
-def test_encoder_output_of_a_padded_batch_equals_each_utterance_alone(preset, chunk):
-    enc = _encoder(preset)
+def test_encoder_output_of_a_padded_batch_equals_each_utterance_alone(preset, overrides, chunk):
+    enc = _encoder(preset, **overrides)
     lengths = torch.tensor([97, 64, 23])
     feats = torch.randn(3, 97, 80)
     with torch.no_grad():
