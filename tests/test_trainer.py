@@ -443,6 +443,9 @@ def test_host_threads_are_limited_on_a_gpu_only():
     offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
     assert offloads_to_host(offload) and offloads_to_host({"zero_optimization": {"offload_param": {"device": "nvme"}}})
     assert not offloads_to_host({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}})
+    assert offloads_to_host({"zero_optimization": {"stage": 2, "cpu_offload": True}})  # the deprecated spellings
+    assert offloads_to_host({"zero_optimization": {"stage": 3, "cpu_offload_param": True}})
+    assert not offloads_to_host({"zero_optimization": {"stage": 2, "cpu_offload": False}})
     shipped = Path(__file__).resolve().parents[1] / "ds_configs" / "zero2_bf16.json"
     assert not offloads_to_host(load_ds_config(shipped, TrainConfig(), 1))
 

@@ -91,7 +91,9 @@ def offloads_to_host(cfg: dict[str, Any]) -> bool:
     """Whether ZeRO keeps optimizer state or parameters off the GPU (its optimizer step then
     runs on the host's cores)."""
     zero = cfg.get("zero_optimization", {})
-    return any(zero.get(key, {}).get("device", "none") != "none" for key in ("offload_optimizer", "offload_param"))
+    # `cpu_offload` / `cpu_offload_param`: DeepSpeed's deprecated spellings of the two offloads to the CPU.
+    return bool(zero.get("cpu_offload") or zero.get("cpu_offload_param")) or any(
+        zero.get(key, {}).get("device", "none") != "none" for key in ("offload_optimizer", "offload_param"))
 
 
 def autocast_dtype(cfg: dict[str, Any]) -> torch.dtype | None:
