@@ -25,12 +25,23 @@ def _dtype_min(dtype: torch.dtype) -> float:
     return -3.4028234663852886e38
 
 
-def _additive_bias(mask: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
-    keep = mask.unsqueeze(1)  # [B, 1, Tq|1, Tk], broadcast over heads
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """mask [B, Tq|1, Tk] (True = may attend) as the additive bias [B, 1, Tq|1, Tk] that
+    attention takes: 0 where allowed, the dtype's minimum elsewhere. The attention layers accept
+    it in place of the mask: layers that share a mask (a decoder's) make it once, not three
+    operators each."""
+    keep = mask.unsqueeze(1)  # broadcast over heads
     # masked_fill with a Python scalar: a device tensor made from the scalar would be a
     # host-to-device copy (and a stall) per attention layer.
-    base = bias if bias is not None else torch.zeros(keep.shape, dtype=dtype, device=mask.device)
-    return base.masked_fill(~keep, _dtype_min(base.dtype))  # under autocast: bias's dtype, not dtype
+    return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill(~keep, _dtype_min(dtype))
+
+
+def _additive_bias(mask: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
+    if mask.is_floating_point():  # already additive (additive_mask)
+        return mask if bias is None else bias + mask
+    if bias is None:
+        return additive_mask(mask, dtype)
+    return bias.masked_fill(~mask.unsqueeze(1), _dtype_min(bias.dtype))  # under autocast: bias's dtype
 
 
 def avoid_per_shape_attention_plans() -> None:
@@ -105,7 +116,8 @@ class MultiHeadedAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
                 cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """mask: [B, Tq, Tk] or [B, 1, Tk], True where attention is allowed."""
+        """mask: [B, Tq, Tk] or [B, 1, Tk], True where attention is allowed, or the same as
+        `additive_mask` made it, in the dtype the attention runs in."""
         q, k, v, new_cache = self._project(query, key, value, cache)
         return self._attend(q, k, v, mask), new_cache
 

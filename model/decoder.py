@@ -5,6 +5,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from u2moe.model.attention import additive_mask
+from u2moe.model.autocast import compute_dtype
 from u2moe.model.config import DecoderConfig
 from u2moe.model.decoder_layer import DecoderLayer
 from u2moe.model.embedding import PositionalEncoding
@@ -26,8 +28,12 @@ class TransformerDecoder(nn.Module):
         """memory [B, T, D], memory_valid [B, T], ys_in [B, L] (<sos> + tokens) -> logits [B, L, V]."""
         tgt_valid = make_non_pad_mask(ys_in_lens, ys_in.size(1))
         tgt_mask = tgt_valid.unsqueeze(1) & subsequent_mask(ys_in.size(1), ys_in.device).unsqueeze(0)
-        memory_mask = memory_valid.unsqueeze(1)
         x = self.pos_enc(self.embed(ys_in))
+        # Every layer attends under the same two masks: made additive once, for all of them, in
+        # the dtype attention runs in (autocast's, else the input's; scripted: no autocast).
+        dtype = x.dtype if torch.jit.is_scripting() else compute_dtype(x)
+        tgt_mask = additive_mask(tgt_mask, dtype)
+        memory_mask = additive_mask(memory_valid.unsqueeze(1), dtype)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.decoders):
             if recompute and not torch.jit.is_scripting():

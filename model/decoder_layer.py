@@ -22,7 +22,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, tgt: torch.Tensor, tgt_mask: torch.Tensor, memory: torch.Tensor,
                 memory_mask: torch.Tensor, tgt_valid: torch.Tensor | None) -> torch.Tensor:
-        """tgt [B, L, D], tgt_mask [B, L, L], memory [B, T, D], memory_mask [B, 1, T], tgt_valid [B, L]."""
+        """tgt [B, L, D], tgt_mask [B, L, L], memory [B, T, D], memory_mask [B, 1, T] (True = may
+        attend, or both as `attention.additive_mask` makes them), tgt_valid [B, L]."""
         h = self.norm1(tgt)
         x = tgt + self.dropout(self.self_attn(h, h, h, tgt_mask)[0])
         h = self.norm2(x)

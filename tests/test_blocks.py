@@ -188,6 +188,43 @@ def test_decoder_is_causal_and_padding_invariant():
         torch.testing.assert_close(logits[1, :4], alone[0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "autocast", "bf16"])
+def test_decoder_makes_its_masks_additive_once_for_all_layers(precision):
+    """A decoder forward turns its two masks into additive biases once (two masked_fills for
+    any number of layers; before, three operators per attention call), in the dtype attention
+    runs in (no cast of a mask inside attention), with the outputs of its layers run on the
+    boolean masks."""
+    cfg = load_config("tiny_dense").model
+    torch.manual_seed(0)
+    dec = TransformerDecoder(cfg.vocab_size, cfg.encoder.output_size, 3, cfg.decoder).eval()
+    memory = torch.randn(2, 10, cfg.encoder.output_size)
+    if precision == "bf16":  # the whole model in bf16 (ds_configs/zero0_pure_bf16.json)
+        dec, memory = dec.to(torch.bfloat16), memory.to(torch.bfloat16)
+    memory_valid = torch.tensor([[True] * 10, [True] * 6 + [False] * 4])
+    ys = torch.randint(1, cfg.vocab_size - 1, (2, 6))
+    lens = torch.tensor([6, 4])
+    tgt_valid = torch.arange(6) < lens.unsqueeze(1)
+    tgt_mask = tgt_valid.unsqueeze(1) & torch.ones(6, 6, dtype=torch.bool).tril()
+
+    def on_boolean_masks():  # the layers each making their own bias
+        x = dec.pos_enc(dec.embed(ys))
+        for layer in dec.decoders:
+            x = layer(x, tgt_mask, memory, memory_valid.unsqueeze(1), tgt_valid)
+        return dec.output_layer(dec.after_norm(x))
+
+    def counted(forward):  # each in its own autocast region: no weight casts cached from the other
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"), \
+                OpCalls("masked_fill") as fills, OpCalls("_to_copy") as casts:
+            out = forward()
+        return out, fills.calls, casts.calls
+
+    logits, fills, casts = counted(lambda: dec(memory, memory_valid, ys, lens))
+    want, layer_fills, layer_casts = counted(on_boolean_masks)
+    assert (fills, layer_fills) == (2, 2 * len(dec.decoders))
+    assert casts == layer_casts
+    assert torch.equal(logits, want)
+
+
 @pytest.mark.parametrize("keep, expected", [(None, "False"), ("1", "True")])
 def test_cli_takes_cudnn_attention_out_unless_asked(keep, expected):
     """cuDNN attention plans every new shape (docs/RESULTS.md); `u2moe` turns it off for its

@@ -146,13 +146,6 @@ def backend_override() -> str:
     return name
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the experts' matmuls run in: autocast's when it is on, else the input's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 def select_backend(requested: str, device: torch.device, dtype: torch.dtype,
                    dims: tuple[int, ...]) -> Backend:
     """`requested` unless it is "auto"; then the fastest backend known to work here."""
