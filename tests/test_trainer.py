@@ -530,7 +530,7 @@ def test_one_process_backward_is_plain_autograd_without_per_parameter_copies(cor
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
 
-def _accumulated_grads(rank, world, port, queue, corpus, exp_dir, ds_config):
+def _boundary_grads(rank, world, port, queue, corpus, exp_dir, ds_config, sets, micro_batches):
     import copy
 
     from test_compute_weights import _bf16_reference
@@ -541,23 +541,27 @@ def _accumulated_grads(rank, world, port, queue, corpus, exp_dir, ds_config):
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_PORT=str(port))
     cfg = load_config("tiny_moe", [*TINY, *NO_DROPOUT, f"model.vocab_size={corpus['vocab']}",
-                                   "train.expert_parallel_size=1", "train.accum_grad=2"])
+                                   "train.expert_parallel_size=1", f"train.accum_grad={micro_batches}", *sets])
     repo = Path(__file__).resolve().parents[1]
     paths = TrainPaths(str(corpus["train"]), str(corpus["dev"]), str(corpus["units"]), str(corpus["cmvn"]),
                        exp_dir, str(repo / "ds_configs" / f"{ds_config}.json"))
     with distributed() as info:
         trainer = Trainer(cfg, paths, info)
         batches = iter(trainer._loader(paths.train_shards, train=True))
-        inputs = [trainer._inputs(next(batches), train=True) for _ in range(2)]
+        inputs = [trainer._inputs(next(batches), train=True) for _ in range(micro_batches)]
         pure = ds_config == "zero0_pure_bf16"
         trainer.engine.train()
-        reference = _bf16_reference(trainer.model) if pure else copy.deepcopy(trainer.model)
+        reference = copy.deepcopy(trainer.model)
+        for module in reference.modules():  # plain autograd: no activation checkpointing
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = False
+        reference = _bf16_reference(reference) if pure else reference
         want: dict[str, torch.Tensor] = {}
         for feats, *rest in inputs:  # DeepSpeed divides each micro-batch's loss by the accumulation steps
             torch.manual_seed(0)  # the same dynamic chunk size in both forwards
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not pure):
                 loss = reference(feats, *rest)["loss"]
-            (loss / 2).backward()
+            (loss / micro_batches).backward()
             for name, param in reference.named_parameters():  # summed in fp32 (a bf16 model's grads are bf16)
                 want[name] = want[name] + param.grad.float() if name in want else param.grad.float()
             reference.zero_grad(set_to_none=True)
@@ -579,12 +583,17 @@ def _accumulated_grads(rank, world, port, queue, corpus, exp_dir, ds_config):
 
 
 @pytest.mark.parametrize("ds_config", ["zero0_bf16", "zero0_pure_bf16"])
-def test_one_process_bf16_accumulates_micro_batches_in_fp32(corpus, tmp_path, ds_config):
-    """train.accum_grad=2, one process, no ZeRO, on the trainer's bf16 compute weights: the
-    gradients at the accumulation boundary are those of plain autograd over the two micro-batches
-    (autocast's, or the bf16-held model's widened), summed in fp32, bit for bit."""
-    grads, stepped, used = spawn_ranks(_accumulated_grads, 1, corpus, tmp_path / "exp", ds_config)[0]
-    assert used and stepped == [False, True]
+@pytest.mark.parametrize("sets,micro_batches", [
+    ([], 2),
+    (["model.encoder.gradient_checkpointing=true", "model.decoder.gradient_checkpointing=true"], 1)])
+def test_one_process_bf16_step_gives_plain_autograds_gradients(corpus, tmp_path, ds_config, sets, micro_batches):
+    """One process, no ZeRO, on the trainer's bf16 compute weights: the gradients at the
+    accumulation boundary are those of plain autograd (autocast's, or the bf16-held model's
+    widened), bit for bit: two micro-batches summed in fp32 (train.accum_grad=2), and with
+    activation checkpointing, whose recomputation in the backward must run on the same weights."""
+    grads, stepped, used = spawn_ranks(_boundary_grads, 1, corpus, tmp_path / "exp", ds_config, sets,
+                                       micro_batches)[0]
+    assert used and stepped == [False] * (micro_batches - 1) + [True]
     for name, (got, want) in grads.items():
         assert got.dtype == torch.float32, name
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")

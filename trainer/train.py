@@ -170,9 +170,11 @@ class Trainer:
         """Forward, backward and (at an accumulation boundary) optimizer step on one micro-batch:
         (the loss terms and frame count as device scalars, whether the optimizer stepped)."""
         feats, lens, target, target_lens = self._inputs(batch, train=True)
+        # Through the backward too: activation checkpointing recomputes layers there, on the
+        # same weights as their forward.
         with self._on_compute_weights():
             out = self.engine(feats, lens, target, target_lens)
-        self.engine.backward(out["loss"])
+            self.engine.backward(out["loss"])
         if self.compute_weights is not None:
             self.compute_weights.move_grads()
         boundary = self.engine.is_gradient_accumulation_boundary()
