@@ -37,8 +37,10 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _additive_bias(mask: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
-    if mask.is_floating_point():  # already additive (additive_mask)
-        return mask if bias is None else bias + mask
+    if mask.is_floating_point():  # already additive (additive_mask): the decoder's layers
+        # Adding it to a position bias could reach -inf, and a row of -inf gives NaN.
+        assert bias is None, "an additive mask does not combine with a position bias; pass the bool mask"
+        return mask
     if bias is None:
         return additive_mask(mask, dtype)
     return bias.masked_fill(~mask.unsqueeze(1), _dtype_min(bias.dtype))  # under autocast: bias's dtype
