@@ -484,21 +484,28 @@ def test_compiled_layers_train_like_eager_ones(corpus, tmp_path):
     load_model_file(tmp_path / "model.pt")
 
 
+def _one_process_trainer_inputs(port, corpus, exp_dir, ds_config, sets=()):
+    """Config and paths of a one-process tiny_moe trainer without dropout, in a spawned process."""
+    from trainer_helpers import TINY
+    from u2moe.config import load_config
+    from u2moe.trainer.train import TrainPaths
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_PORT=str(port))
+    cfg = load_config("tiny_moe", [*TINY, *NO_DROPOUT, f"model.vocab_size={corpus['vocab']}",
+                                   "train.expert_parallel_size=1", *sets])
+    repo = Path(__file__).resolve().parents[1]
+    return cfg, TrainPaths(str(corpus["train"]), str(corpus["dev"]), str(corpus["units"]), str(corpus["cmvn"]),
+                           exp_dir, str(repo / "ds_configs" / f"{ds_config}.json"))
+
+
 def _one_process_backward(rank, world, port, queue, corpus, exp_dir):
     import copy
 
     from op_counting import OpCalls
-    from trainer_helpers import TINY
-    from u2moe.config import load_config
     from u2moe.trainer.distributed import distributed
-    from u2moe.trainer.train import Trainer, TrainPaths
+    from u2moe.trainer.train import Trainer
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_PORT=str(port))
-    cfg = load_config("tiny_moe", [*TINY, *NO_DROPOUT, f"model.vocab_size={corpus['vocab']}",
-                                   "train.expert_parallel_size=1"])
-    repo = Path(__file__).resolve().parents[1]
-    paths = TrainPaths(str(corpus["train"]), str(corpus["dev"]), str(corpus["units"]), str(corpus["cmvn"]),
-                       exp_dir, str(repo / "ds_configs" / "zero0_bf16.json"))
+    cfg, paths = _one_process_trainer_inputs(port, corpus, exp_dir, "zero0_bf16")
     with distributed() as info:
         trainer = Trainer(cfg, paths, info)
         batch = next(iter(trainer._loader(paths.train_shards, train=True)))
@@ -534,17 +541,11 @@ def _boundary_grads(rank, world, port, queue, corpus, exp_dir, ds_config, sets, 
     import copy
 
     from test_compute_weights import _bf16_reference
-    from trainer_helpers import TINY
-    from u2moe.config import load_config
     from u2moe.trainer.distributed import distributed
-    from u2moe.trainer.train import Trainer, TrainPaths
+    from u2moe.trainer.train import Trainer
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_PORT=str(port))
-    cfg = load_config("tiny_moe", [*TINY, *NO_DROPOUT, f"model.vocab_size={corpus['vocab']}",
-                                   "train.expert_parallel_size=1", f"train.accum_grad={micro_batches}", *sets])
-    repo = Path(__file__).resolve().parents[1]
-    paths = TrainPaths(str(corpus["train"]), str(corpus["dev"]), str(corpus["units"]), str(corpus["cmvn"]),
-                       exp_dir, str(repo / "ds_configs" / f"{ds_config}.json"))
+    cfg, paths = _one_process_trainer_inputs(port, corpus, exp_dir, ds_config,
+                                             [f"train.accum_grad={micro_batches}", *sets])
     with distributed() as info:
         trainer = Trainer(cfg, paths, info)
         batches = iter(trainer._loader(paths.train_shards, train=True))

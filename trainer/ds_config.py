@@ -40,7 +40,7 @@ def load_ds_config(path: str | Path, train: TrainConfig, world_size: int) -> dic
     for key, home in YAML_OWNED.items():
         if key in cfg:
             raise DeepSpeedConfigError(f"{path}: '{key}' is set in the experiment yaml as {home}; remove it here")
-    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    stage = zero_stage(cfg)
     if stage not in (0, 1, 2):
         raise DeepSpeedConfigError(f"{path}: zero_optimization.stage {stage} is not supported (0, 1 or 2)")
     enabled = [k for k in ("fp16", "bf16", "torch_autocast") if cfg.get(k, {}).get("enabled")]
@@ -70,11 +70,15 @@ def load_ds_config(path: str | Path, train: TrainConfig, world_size: int) -> dic
     return cfg
 
 
+def zero_stage(cfg: dict[str, Any]) -> int:
+    return cfg.get("zero_optimization", {}).get("stage", 0)
+
+
 def trainer_runs_bf16(cfg: dict[str, Any]) -> bool:
     """bf16 without ZeRO: the trainer runs DeepSpeed's bf16 arithmetic itself (a bf16 model on
     fp32 master weights, trainer/compute_weights.py), where DeepSpeed's own bf16 optimizer would
     check and copy every parameter separately; DeepSpeed's engine gets `engine_config`."""
-    return cfg.get("zero_optimization", {}).get("stage", 0) == 0 and precision(cfg) == "bf16"
+    return zero_stage(cfg) == 0 and precision(cfg) == "bf16"
 
 
 def engine_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -84,7 +88,7 @@ def engine_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def trainer_clips(cfg: dict[str, Any]) -> bool:
     """Whether the trainer, not DeepSpeed, clips gradients (no ZeRO: see load_ds_config)."""
-    return cfg.get("zero_optimization", {}).get("stage", 0) == 0
+    return zero_stage(cfg) == 0
 
 
 def offloads_to_host(cfg: dict[str, Any]) -> bool:

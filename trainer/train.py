@@ -77,6 +77,9 @@ class Trainer:
             raise ConfigError(f"{paths.units}: {self.tokenizer.vocab_size} units, but model.vocab_size is "
                              f"{cfg.model.vocab_size}; set --set model.vocab_size={self.tokenizer.vocab_size}")
         ds_cfg = load_ds_config(paths.ds_config, cfg.train, info.world_size)
+        if cfg.train.compile and trainer_runs_bf16(ds_cfg):
+            raise ConfigError(f"train.compile: not with bf16 without ZeRO ({paths.ds_config}), whose forward swaps in "
+                              "bf16 weights every step; use torch_autocast")
         if not offloads_to_host(ds_cfg):  # an offloaded optimizer step needs the host's threads
             limit_host_threads(info.device, cfg.train.host_threads)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision(ds_cfg)]
@@ -99,9 +102,6 @@ class Trainer:
         # On the device before the optimizer is built: torch's fused AdamW (one kernel for all
         # parameters) needs device parameters; ZeRO replaces them with its own flat partitions.
         model.to(info.device)
-        if cfg.train.compile and trainer_runs_bf16(ds_cfg):
-            raise ConfigError(f"train.compile: not with bf16 without ZeRO ({paths.ds_config}), whose forward swaps in "
-                              "bf16 weights every step; use torch_autocast")
         if cfg.train.compile:
             for layer in [*model.encoder.encoders, *model.decoder.layers()]:
                 layer.compile(dynamic=True)  # in place: parameter names, checkpoints unchanged
