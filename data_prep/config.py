@@ -75,17 +75,23 @@ class BatchConfig:
     """Shuffle buffer, sort buffer and batching.
 
     static: `batch_size` utterances per batch. dynamic: as many utterances as fit
-    max_len_in_batch * n <= max_frames_in_batch (padded frames), as in WeNet.
+    max_len_in_batch * n <= max_frames_in_batch (padded frames), as in WeNet. bucket: fixed
+    shapes, for CUDA graphs (`train.cuda_graphs`): utterances of (k-1) * bucket_frames < frames
+    <= k * bucket_frames are padded to k * bucket_frames, max_frames_in_batch // (k * bucket_frames)
+    to a batch, and targets to a multiple of bucket_tokens; no sort buffer.
     """
 
-    type: Literal["static", "dynamic"] = "static"
+    type: Literal["static", "dynamic", "bucket"] = "static"
     batch_size: int = 16
     max_frames_in_batch: int = 12000
+    bucket_frames: int = 50
+    bucket_tokens: int = 16
     shuffle_buffer: int = 1500  # training only; 0 disables
     sort_buffer: int = 500  # sort by length inside windows of this many utterances; 0 disables
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1 and self.max_frames_in_batch >= 1, "batch sizes must be >= 1")
+        _check(self.bucket_frames >= 1 and self.bucket_tokens >= 1, "bucket sizes must be >= 1")
         _check(self.shuffle_buffer >= 0 and self.sort_buffer >= 0, "buffer sizes must be >= 0")
 
 
@@ -103,7 +109,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.sample_rate > 0, "sample_rate must be positive")
-        if self.batch.type == "dynamic":
+        if self.batch.type in ("dynamic", "bucket"):
             # An utterance longer than the budget could only go into an over-budget batch.
             _check(self.filter.max_frames <= self.batch.max_frames_in_batch,
                    f"filter.max_frames ({self.filter.max_frames}) exceeds batch.max_frames_in_batch "

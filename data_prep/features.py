@@ -84,15 +84,14 @@ class KaldiFbank(nn.Module):
     def _fbank(self, wavs: torch.Tensor, lengths: torch.Tensor | None, dither: float,
                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         batch, samples = wavs.shape
+        # Frames of the padded width, not of the longest row: the same for a batch padded to its
+        # longest row, the bucket's length for a bucket batch, and no read of the lengths.
+        num = 0 if samples < self.win_length else 1 + (samples - self.win_length) // self.win_shift
         if lengths is None:
-            num = 0 if samples < self.win_length else 1 + (samples - self.win_length) // self.win_shift
             frame_lengths = torch.full((batch,), num, dtype=torch.long, device=wavs.device)
-            ragged = False
         else:
             frame_lengths = self.frame_counts(lengths)
-            num = int(frame_lengths.max()) if batch else 0
-            ragged = bool((frame_lengths < num).any())
-        if num == 0:
+        if num == 0 or batch == 0:
             return wavs.new_zeros(batch, 0, self.num_mel_bins, dtype=torch.float32), frame_lengths
         x = wavs.float() * WAVE_SCALE
         frames = x.unfold(1, self.win_length, self.win_shift)[:, :num]  # [B, T, win], a view
@@ -113,7 +112,7 @@ class KaldiFbank(nn.Module):
         spectrum = torch.fft.rfft(padded)
         power = (spectrum * spectrum.conj()).real  # |X|^2, much cheaper than abs().pow(2)
         feats = torch.matmul(power, self.mel_t).clamp_min_(_EPS).log_()
-        if ragged:
+        if lengths is not None:
             valid = torch.arange(num, device=feats.device)[None, :] < frame_lengths[:, None]
             feats.masked_fill_(~valid[:, :, None], 0.0)
         return feats, frame_lengths

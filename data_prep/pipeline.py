@@ -2,7 +2,8 @@
 
 Per reader (one data-loader worker of one rank): its share of the epoch's shards (sharding.py)
 -> tar member groups (shard_reader.py) -> samples (sample_processor.py) -> shuffle buffer
-(training) -> sort buffer -> static or dynamic batches -> padded batch dicts (batching.py).
+(training) -> sort buffer -> static or dynamic batches, or bucket batches (fixed shapes, no sort
+buffer) -> padded batch dicts (batching.py).
 
 Skip accounting across processes: each worker keeps a DataStats and attaches what it counted
 since its previous batch to the next batch under STATS_KEY; when its shards are exhausted it
@@ -22,9 +23,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .batching import collate, dynamic_batches, shuffle_buffer, sort_buffer, static_batches
+from .batching import bucket_batches, collate, dynamic_batches, shuffle_buffer, sort_buffer, static_batches
 from .config import DataConfig
 from .errors import DataPrepError
+from .features import window_sizes
 from .sample_processor import SampleProcessor
 from .shard_reader import read_shard
 from .sharding import read_shard_list, shards_for_reader
@@ -65,18 +67,29 @@ class AsrDataset(IterableDataset):
         bcfg = self.cfg.batch
         if self.train and bcfg.shuffle_buffer > 1:
             samples = shuffle_buffer(samples, bcfg.shuffle_buffer, rng)
+        for batch in self._batches(samples):
+            stats.batches += 1
+            stats.utterances += len(batch["keys"])
+            stats.audio_seconds += sum(batch["durations"])
+            batch[STATS_KEY] = stats.take()
+            yield batch
+        yield {STATS_KEY: stats.take()}
+
+    def _batches(self, samples: Iterator[Any]) -> Iterator[dict[str, Any]]:
+        bcfg = self.cfg.batch
+        if bcfg.type == "bucket":
+            window, shift = window_sizes(self.cfg.fbank, self.cfg.sample_rate)
+            for group, frames in bucket_batches(samples, bcfg.max_frames_in_batch, bcfg.bucket_frames):
+                # As many samples as give exactly `frames` fbank frames (whole windows only).
+                yield collate(group, pad_frames=frames, pad_samples=window + (frames - 1) * shift,
+                              tokens_multiple=bcfg.bucket_tokens)
+            return
         if bcfg.sort_buffer > 1:
             samples = sort_buffer(samples, bcfg.sort_buffer)
         groups = (dynamic_batches(samples, bcfg.max_frames_in_batch) if bcfg.type == "dynamic"
                   else static_batches(samples, bcfg.batch_size))
         for group in groups:
-            batch = collate(group)
-            stats.batches += 1
-            stats.utterances += len(group)
-            stats.audio_seconds += sum(batch["durations"])
-            batch[STATS_KEY] = stats.take()
-            yield batch
-        yield {STATS_KEY: stats.take()}
+            yield collate(group)
 
 
 class AsrDataLoader(DataLoader):

@@ -1,6 +1,8 @@
 """Attention decoders: a left-to-right Transformer decoder, and U2++'s bidirectional pair."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -14,6 +16,9 @@ from u2moe.model.mask import make_non_pad_mask, subsequent_mask
 
 
 class TransformerDecoder(nn.Module):
+    # Set by the trainer, never saved or scripted: see `layer_runner` below.
+    __jit_ignored_attributes__ = ["layer_runner"]
+
     def __init__(self, vocab_size: int, dim: int, num_blocks: int, cfg: DecoderConfig):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim)
@@ -22,6 +27,9 @@ class TransformerDecoder(nn.Module):
         self.gradient_checkpointing = cfg.gradient_checkpointing
         self.after_norm = nn.LayerNorm(dim)
         self.output_layer = nn.Linear(dim, vocab_size)
+        # In training, run in place of `run_layers` when set (with the same arguments): the
+        # trainer's CUDA graphs (trainer/cuda_graphs.py).
+        self.layer_runner: Callable[..., torch.Tensor] | None = None
 
     def forward(self, memory: torch.Tensor, memory_valid: torch.Tensor, ys_in: torch.Tensor,
                 ys_in_lens: torch.Tensor) -> torch.Tensor:
@@ -34,13 +42,23 @@ class TransformerDecoder(nn.Module):
         dtype = x.dtype if torch.jit.is_scripting() else compute_dtype(x)
         tgt_mask = additive_mask(tgt_mask, dtype)
         memory_mask = additive_mask(memory_valid.unsqueeze(1), dtype)
+        run = self.run_layers
+        if not torch.jit.is_scripting():
+            if self.layer_runner is not None and self.training:
+                run = self.layer_runner
+        x = run(x, tgt_mask, memory, memory_mask, tgt_valid)
+        return self.output_layer(self.after_norm(x))
+
+    def run_layers(self, x: torch.Tensor, tgt_mask: torch.Tensor, memory: torch.Tensor,
+                   memory_mask: torch.Tensor, tgt_valid: torch.Tensor) -> torch.Tensor:
+        """The decoder blocks under additive masks (what `layer_runner` replaces)."""
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.decoders):
             if recompute and not torch.jit.is_scripting():
                 x = self._checkpointed(i, x, tgt_mask, memory, memory_mask, tgt_valid)
             else:
                 x = layer(x, tgt_mask, memory, memory_mask, tgt_valid)
-        return self.output_layer(self.after_norm(x))
+        return x
 
     @torch.jit.unused  # incremental decoding is Python-side search, not part of the exported graph
     def project_memory(self, memory: torch.Tensor) -> list[torch.Tensor]:

@@ -1,6 +1,8 @@
 """Conformer encoder: CMVN -> Conv2d subsampling -> relative-position Conformer blocks."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -14,6 +16,9 @@ from u2moe.model.subsampling import Conv2dSubsampling
 
 
 class ConformerEncoder(nn.Module):
+    # Set by the trainer, never saved or scripted: see `layer_runner` below.
+    __jit_ignored_attributes__ = ["layer_runner"]
+
     def __init__(self, cfg: EncoderConfig, cmvn: GlobalCMVN | None = None):
         super().__init__()
         self.cfg = cfg
@@ -23,6 +28,9 @@ class ConformerEncoder(nn.Module):
         self.pos_enc = RelPositionalEncoding(cfg.output_size, cfg.positional_dropout_rate)
         self.encoders = nn.ModuleList(ConformerEncoderLayer(cfg) for _ in range(cfg.num_blocks))
         self.after_norm = nn.LayerNorm(cfg.output_size)
+        # In training, run in place of `run_layers` when set (with the same arguments): the
+        # trainer's CUDA graphs (trainer/cuda_graphs.py).
+        self.layer_runner: Callable[..., torch.Tensor] | None = None
 
     def output_size(self) -> int:
         return self.cfg.output_size
@@ -48,7 +56,14 @@ class ConformerEncoder(nn.Module):
             training=self.training,
         )
         mask = attention_mask(valid, chunk, left)
-        recompute = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        run = self.layer_runner if self.layer_runner is not None and self.training else self.run_layers
+        return self.after_norm(run(xs, mask, pos_emb, valid)), valid
+
+    @torch.jit.unused
+    def run_layers(self, xs: torch.Tensor, mask: torch.Tensor, pos_emb: torch.Tensor,
+                   valid: torch.Tensor) -> torch.Tensor:
+        """The Conformer blocks of a full-utterance forward (what `layer_runner` replaces)."""
+        recompute = self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.encoders:
             if recompute:
                 # Dropout and router noise replay identically (checkpoint restores the RNG);
@@ -56,7 +71,7 @@ class ConformerEncoder(nn.Module):
                 xs, _, _ = checkpoint(layer, xs, mask, pos_emb, valid, use_reentrant=False)
             else:
                 xs, _, _ = layer(xs, mask, pos_emb, valid)
-        return self.after_norm(xs), valid
+        return xs
 
     def forward_chunk(self, xs: torch.Tensor, att_cache: torch.Tensor, cnn_cache: torch.Tensor,
                       required_cache_size: int, key_valid: torch.Tensor | None = None

@@ -13,7 +13,8 @@ import torchaudio
 
 from test_data_support import LETTERS, make_kaldi_dir, tone, wav_bytes, write_tar
 from u2moe.data_prep import DataConfig, Tokenizer, build_dataloader
-from u2moe.data_prep.batching import dynamic_batches
+from u2moe.data_prep.batching import IGNORE_ID, bucket_batches, dynamic_batches
+from u2moe.data_prep.features import KaldiFbank
 from u2moe.dataconf import ConfigError
 from u2moe.data_prep.sample_processor import Sample
 from u2moe.data_prep.shard_writer import write_shards
@@ -250,6 +251,47 @@ def test_dynamic_batches_from_the_pipeline(corpus):
     assert any(len(b["keys"]) > 1 for b in batches)
 
 
+def test_bucket_batches_group_by_padded_length():
+    rng = random.Random(0)
+    samples = [Sample(f"u{i}", rng.randint(1, 700), 0.0, [1]) for i in range(500)]
+    batches = list(bucket_batches(samples, 1000, 50))
+    assert sorted(s.key for b, _ in batches for s in b) == sorted(s.key for s in samples)
+    for i, (batch, padded) in enumerate(batches):
+        # The bucket: the multiple of 50 at or above the longest length, written out; every
+        # batch full but the last, so that all of them have their bucket's shape.
+        longest = max(s.num_frames for s in batch)
+        assert padded % 50 == 0 and padded - 50 < longest <= padded
+        assert len(batch) == max(1, 1000 // padded) or (i == len(batches) - 1 and len(batch) < max(1, 1000 // padded))
+    # Until the stream ends, a batch holds its bucket's utterances only.
+    assert all(padded - 50 < s.num_frames for batch, padded in batches[:len(batches) // 2] for s in batch)
+
+
+@pytest.mark.parametrize("device_features", [False, True])
+def test_bucket_batches_from_the_pipeline_have_the_buckets_shapes(corpus, device_features):
+    shard_list, tok, utts = corpus
+    cfg = DataConfig.from_dict({"device_features": device_features, "filter": {"max_frames": 1500},
+                                "batch": {"type": "bucket", "max_frames_in_batch": 1500,
+                                          "bucket_frames": 200, "bucket_tokens": 8}})
+    batches = _collect(build_dataloader(shard_list, tok, cfg, train=True, num_workers=0))
+    assert sorted(k for b in batches for k in b["keys"]) == sorted(utts)
+    fbank = KaldiFbank(cfg.fbank, cfg.sample_rate)
+    shapes = set()
+    for b in batches:
+        if device_features:
+            feats, lengths = fbank(b["wavs"], b["wav_lengths"])
+            assert torch.equal(lengths, fbank.frame_counts(b["wav_lengths"]))
+        else:
+            feats, lengths = b["feats"], b["feats_lengths"]
+        frames = feats.size(1)
+        assert frames % 200 == 0 and frames - 200 < int(lengths.max()) <= frames
+        assert (feats[torch.arange(frames)[None, :] >= lengths[:, None]] == 0).all()
+        targets = b["target"]
+        assert targets.size(1) % 8 == 0 and targets.size(1) - 8 < int(b["target_lengths"].max())
+        assert all((targets[i, n:] == IGNORE_ID).all() for i, n in enumerate(b["target_lengths"].tolist()))
+        shapes.add(tuple(feats.shape[:2]))
+    assert len(shapes) < len(batches)  # shapes repeat: what CUDA graphs replay
+
+
 def test_device_feature_batches_carry_padded_waveforms(corpus):
     shard_list, tok, utts = corpus
     cfg = DataConfig.from_dict({"device_features": True, "batch": {"batch_size": 4}})
@@ -272,7 +314,7 @@ def test_config_validation_names_key_and_source():
     with pytest.raises(ConfigError, match=r"exp\.yaml: 'data\.batch\.batch_size' must be an integer"):
         DataConfig.from_dict({"batch": {"batch_size": True}}, source="exp.yaml")
     with pytest.raises(ConfigError, match=r"'data\.batch\.type' must be one of"):
-        DataConfig.from_dict({"batch": {"type": "bucket"}})
+        DataConfig.from_dict({"batch": {"type": "buckets"}})
     with pytest.raises(ConfigError, match="fits no batch"):
         DataConfig.from_dict({"batch": {"type": "dynamic", "max_frames_in_batch": 1000}})
     with pytest.raises(ConfigError, match="min_frames"):

@@ -484,6 +484,26 @@ def test_compiled_layers_train_like_eager_ones(corpus, tmp_path):
     load_model_file(tmp_path / "model.pt")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("preset", ["tiny_dense", "tiny_moe"])
+def test_cuda_graphs_train_like_eager_layers(corpus, tmp_path, preset):
+    """train.cuda_graphs with bucket batches and the whole-model bf16 mode: the eager run's
+    losses (dropout off), step by step, through captures of new shapes along the way."""
+    extra = [*NO_DROPOUT, "train.max_steps=8", "train.expert_parallel_size=1", "data.batch.type=bucket",
+             "data.batch.bucket_frames=100"]
+    losses = {}
+    for graphs in (False, True):
+        exp = tmp_path / f"graphs_{graphs}"
+        log = tmp_path / f"graphs_{graphs}.log"
+        run(train_command(corpus, exp, nproc=1, ds_config="zero0_pure_bf16", preset=preset,
+                          extra=[*extra, f"train.cuda_graphs={str(graphs).lower()}"]), timeout=600, log=log)
+        losses[graphs] = train_losses(exp)
+    assert sorted(losses[True]) == list(range(1, 9))
+    for step in range(1, 9):
+        assert losses[True][step]["loss"] == pytest.approx(losses[False][step]["loss"], rel=2e-2), step
+
+
 def _one_process_trainer_inputs(port, corpus, exp_dir, ds_config, sets=()):
     """Config and paths of a one-process tiny_moe trainer without dropout, in a spawned process."""
     from trainer_helpers import TINY

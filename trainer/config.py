@@ -55,6 +55,13 @@ class TrainConfig:
     # host that took cores from the data workers and the other runs. CPU training, and ZeRO
     # offloading to the host (whose optimizer step runs there), keep torch's default.
     host_threads: int = 1
+    # CUDA graphs of the encoder's and decoders' layers, one per batch shape (trainer/cuda_graphs.py):
+    # a host-bound step replays each stack's forward and backward in one launch. One GPU process
+    # without ZeRO, bf16 by ds_configs/zero0_pure_bf16.json (no autocast) or fp32, and fixed batch
+    # shapes (data.batch.type: bucket). Each stack captures at most cuda_graph_shapes shapes (GPU
+    # memory: one set of activations per shape) and runs any further shape eagerly.
+    cuda_graphs: bool = False
+    cuda_graph_shapes: int = 64
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1 or self.max_steps < 0:
@@ -65,3 +72,5 @@ class TrainConfig:
             raise ConfigError("train needs num_workers >= 0, log_interval >= 1, keep_checkpoints >= 1")
         if min(self.eval_interval, self.save_interval, self.max_eval_batches, self.host_threads) < 0:
             raise ConfigError("train intervals and host_threads must be >= 0")
+        if self.cuda_graph_shapes < 1:
+            raise ConfigError("train.cuda_graph_shapes must be >= 1")

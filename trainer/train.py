@@ -65,6 +65,8 @@ class Trainer:
         from u2moe.model.flops import peak_tflops
         from u2moe.trainer.clipping import GradClipper
         from u2moe.trainer.compute_weights import Bf16ComputeWeights
+        from u2moe.trainer.cuda_graphs import install as install_cuda_graphs
+        from u2moe.trainer.cuda_graphs import refuse_unsupported as refuse_cuda_graphs
         from u2moe.trainer.ds_config import (autocast_dtype, engine_config, load_ds_config, offloads_to_host,
                                              precision, trainer_clips, trainer_runs_bf16)
         from u2moe.trainer.optim import build_optimizer
@@ -80,6 +82,8 @@ class Trainer:
         if cfg.train.compile and trainer_runs_bf16(ds_cfg):
             raise ConfigError(f"train.compile: not with bf16 without ZeRO ({paths.ds_config}), whose forward swaps in "
                               "bf16 weights every step; use torch_autocast")
+        if cfg.train.cuda_graphs:
+            refuse_cuda_graphs(cfg, ds_cfg, paths.ds_config, info)
         if not offloads_to_host(ds_cfg):  # an offloaded optimizer step needs the host's threads
             limit_host_threads(info.device, cfg.train.host_threads)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision(ds_cfg)]
@@ -121,6 +125,8 @@ class Trainer:
         self.compute_weights = Bf16ComputeWeights(model, whole_model=True) if trainer_runs_bf16(ds_cfg) else (
             Bf16ComputeWeights(model) if one_plain_process and not cfg.train.compile
             and self.autocast == torch.bfloat16 else None)
+        # After the compute weights: the graphs are captured on the tensors the forward will hold.
+        self.graphed_layers = install_cuda_graphs(model, cfg.train.cuda_graph_shapes) if cfg.train.cuda_graphs else []
         self.model = model
         self.clipper = GradClipper(model, cfg.train.grad_clip, expert_group) if trainer_clips(ds_cfg) else None
         self.grad_norm: torch.Tensor | None = None  # the last step's, when the trainer clips
@@ -181,7 +187,9 @@ class Trainer:
         if boundary and self.clipper is not None:
             self.grad_norm = self.clipper()
         self.engine.step()
-        return {**out, "frames": lens.sum()}, boundary
+        # Detached: callers keep the result through the next step, which must not keep this
+        # step's autograd graph alive too.
+        return {**out, "loss": out["loss"].detach(), "frames": lens.sum()}, boundary
 
     def _all_to_all_seconds(self) -> Callable[[], float] | None:
         """Under expert parallelism, the time the expert all-to-alls take (for the log)."""
@@ -325,6 +333,10 @@ class Trainer:
         optional = f"mfu {100 * stats['mfu']:.1f}% " if "mfu" in stats else ""
         if "all_to_all_share" in stats:
             optional += f"all_to_all {100 * stats['all_to_all_share']:.0f}% "
+        if self.graphed_layers:
+            stats["cuda_graph_shapes"] = sum(len(r.graphs) for r in self.graphed_layers)
+            stats["cuda_graph_eager_calls"] = sum(r.eager_calls for r in self.graphed_layers)
+            optional += f"graphs {stats['cuda_graph_shapes']} (eager {stats['cuda_graph_eager_calls']}) "
         self.reporter.line(
             f"epoch {self.epoch} step {step} {losses} lr {stats['lr']:.2e} grad_norm {stats['grad_norm']:.3f} "
             f"frames/s {stats['frames_per_s']:.0f} audio_s/s {stats['audio_s_per_s']:.1f} "

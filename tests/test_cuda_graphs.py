@@ -1,0 +1,81 @@
+"""CUDA graphs of the layer stacks (trainer/cuda_graphs.py): the eager losses and gradients."""
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_trainer import NO_DROPOUT
+from u2moe.config import load_config
+from u2moe.dataconf import ConfigError
+from u2moe.model import U2Model
+from u2moe.trainer.cuda_graphs import install, refuse_unsupported
+
+
+def test_cuda_graphs_are_refused_naming_every_unmet_condition(monkeypatch):
+    cfg = load_config("tiny_moe", ["train.cuda_graphs=true", "model.encoder.gradient_checkpointing=true"])
+    ds_cfg = {"zero_optimization": {"stage": 2}, "torch_autocast": {"enabled": True}}
+    with pytest.raises(ConfigError) as refused:
+        refuse_unsupported(cfg, ds_cfg, "z.json", SimpleNamespace(device=torch.device("cpu"), world_size=2))
+    for unmet in ("a CUDA device", "one process (this run has 2)", "z.json: stage 2", "no autocast",
+                  "data.batch.type: bucket (not dynamic)", "gradient_checkpointing"):
+        assert unmet in str(refused.value)
+    one_gpu = SimpleNamespace(device=torch.device("cuda"), world_size=1)
+    refuse_unsupported(load_config("tiny_dense", ["train.cuda_graphs=true", "data.batch.type=bucket"]),
+                       {"bf16": {"enabled": True}}, "z.json", one_gpu)
+    # Experts on the reference backend read their group sizes on the host: no capture.
+    monkeypatch.setenv("U2MOE_EXPERT_BACKEND", "reference")
+    with pytest.raises(ConfigError, match="expert backend without host reads"):
+        refuse_unsupported(load_config("tiny_moe", ["train.cuda_graphs=true", "data.batch.type=bucket"]),
+                           {"bf16": {"enabled": True}}, "z.json", one_gpu)
+
+
+def _batch(batch: int, frames: int, tokens: int, vocab: int, seed: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(frames // 2, frames + 1, (batch,), generator=g)
+    lengths[0] = frames
+    target_lengths = torch.randint(1, tokens + 1, (batch,), generator=g)
+    target = torch.randint(1, vocab - 1, (batch, tokens), generator=g)
+    target = target.masked_fill(torch.arange(tokens) >= target_lengths[:, None], -1)
+    feats = torch.randn(batch, frames, 80, generator=g).to(dtype)
+    return [t.cuda() for t in (feats, lengths, target, target_lengths)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("preset,dtype", [("tiny_dense", torch.float32), ("tiny_moe", torch.bfloat16)])
+def test_graphed_layers_give_eager_losses_and_accumulated_gradients(preset, dtype):
+    """Two micro-batches of two shapes per step, three steps: the first runs eagerly (a shape's
+    first sighting), the second captures (on parameters whose eager accumulators are alive), the
+    third replays; every loss and accumulated gradient
+    is eager's up to rounding (the MoE, in bf16 for a grouped GEMM without host reads, routes
+    padding in the graphs: other GEMM shapes)."""
+    torch.manual_seed(0)
+    cfg = load_config(preset, NO_DROPOUT)
+    reference = U2Model(cfg.model).cuda().to(dtype)
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    model = copy.deepcopy(reference)
+    runners = install(model, max_shapes=4)
+    vocab = cfg.model.vocab_size
+    batches = [_batch(4, 160, 12, vocab, 1, dtype), _batch(3, 220, 17, vocab, 2, dtype)]
+    losses = {}
+    for step in range(3):
+        for name, m in (("eager", reference), ("graphs", model)):
+            losses[name] = []
+            for i, batch in enumerate(batches):
+                torch.manual_seed(10 * step + i)  # the same dynamic chunk draws
+                loss = m(*batch)["loss"]
+                loss.backward()  # accumulates over the two micro-batches
+                losses[name].append(loss.detach())
+        torch.testing.assert_close(torch.stack(losses["graphs"]), torch.stack(losses["eager"]), rtol=tol / 10, atol=tol / 10)
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=tol, atol=1e-5 + tol * float(q.grad.abs().max()),
+                                       msg=lambda m: f"step {step} {name}: {m}")
+        with torch.no_grad():  # one update for both, from the eager gradients
+            for p, q in zip(model.parameters(), reference.parameters()):
+                q.sub_(1e-3 * q.grad)
+                p.copy_(q)
+        for m in (model, reference):
+            m.zero_grad(set_to_none=True)
+    assert [(len(r.graphs), r.eager_calls) for r in runners] == [(2, 2)] * 3

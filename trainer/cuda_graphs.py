@@ -1,0 +1,188 @@
+"""CUDA graphs of the training step's layer stacks, one per batch shape (`train.cuda_graphs`).
+
+On a GPU the small presets' steps are bound by the host: thousands of kernels, each paid in
+Python, autograd and launch time, keep an H100 busy 7-8% of a step (docs/RESULTS.md, issue 10).
+A graph replays the encoder's (or a decoder's) whole forward, or backward, in one launch. What a
+graph holds is fixed: tensor shapes and addresses, and no host reads. So the batches come in a
+few fixed shapes (`data.batch.type: bucket`), the MoE layers route padded frames instead of
+removing them (`MoEFeedForward.route_padding`), and each stack keeps one graph pair per shape,
+captured the first time the shape comes (a few tenths of a second) and replayed after that.
+Everything else of the step (features, embeddings, masks, CTC and attention losses, optimizer)
+stays eager.
+
+The replay is one autograd node whose inputs are the stack's inputs and parameters: gradients
+reach the parameters (or the trainer's bf16 compute weights, which the graph was captured on)
+as in eager mode, through autograd. Dropout draws new masks at every replay (CUDA graphs
+advance the generator's offset); batch norm statistics update in place.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from u2moe.dataconf import ConfigError
+
+RunLayers = Callable[..., torch.Tensor]
+
+
+class _StackGraph:
+    """A layer stack's forward and backward, captured for one set of input shapes."""
+
+    def __init__(self, run: RunLayers, layers: nn.Module, args: Sequence[torch.Tensor], warmup: int):
+        self.params = tuple(layers.parameters())
+        self.inputs = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+        # Captured on fresh leaves that share the parameters' memory: the parameters themselves
+        # may still have gradient accumulators from an eager step, made on another stream, and
+        # a capture that reached them would make that stream wait on the capturing one (an error).
+        aliases = [p.detach().requires_grad_(p.requires_grad) for p in self.params]
+        differentiable = [t for t in (*self.inputs, *aliases) if t.requires_grad]
+        with _holding(layers, dict(zip(map(id, self.params), aliases))):
+            # Warm-up runs, off the capture: cuDNN/cuBLAS choose their kernels, lazy state is made.
+            torch.cuda.synchronize()
+            with torch.cuda.stream(torch.cuda.Stream()):
+                for _ in range(warmup):
+                    out = run(*self.inputs)
+                    torch.autograd.grad(out, differentiable, torch.ones_like(out), allow_unused=True)
+                    # Kept, its graph would hand the aliases' accumulators, made on this side
+                    # stream, to the capture (autograd warns of the stream mismatch).
+                    del out
+            torch.cuda.synchronize()
+            pool = torch.cuda.graph_pool_handle()
+            self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            # thread_local: the data loader's pin-memory thread keeps calling CUDA meanwhile.
+            with torch.cuda.graph(self.forward_graph, pool=pool, capture_error_mode="thread_local"):
+                output = run(*self.inputs)
+            self.grad_output = torch.empty_like(output)
+            with torch.cuda.graph(self.backward_graph, pool=pool, capture_error_mode="thread_local"):
+                grads = torch.autograd.grad(output, differentiable, self.grad_output, allow_unused=True)
+        # The captured autograd graph is not needed after its capture: the replays reuse its
+        # memory, which stays the graphs' own (their private pool).
+        self.output = output.detach()
+        grads = iter(grads)
+        # One gradient slot per input and parameter, None where none flows.
+        self.grads = tuple(next(grads) if t.requires_grad else None for t in (*self.inputs, *aliases))
+
+    def load(self, args: Sequence[torch.Tensor]) -> None:
+        for static, arg in zip(self.inputs, args):
+            static.copy_(arg)
+
+
+@contextmanager
+def _holding(layers: nn.Module, replacements: dict[int, torch.Tensor]) -> Iterator[None]:
+    """The modules of `layers` hold replacements[id(p)] in place of each parameter p."""
+    slots = [(m, name, p) for m in layers.modules() for name, p in m._parameters.items()
+             if p is not None and id(p) in replacements]
+    for module, name, param in slots:
+        module._parameters[name] = replacements[id(param)]
+    try:
+        yield
+    finally:
+        for module, name, param in slots:
+            module._parameters[name] = param
+
+
+class _Replay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, graph: _StackGraph, *inputs_and_params: torch.Tensor) -> torch.Tensor:
+        graph.load(inputs_and_params[:len(graph.inputs)])
+        graph.forward_graph.replay()
+        ctx.graph = graph
+        # The graph's own output buffer (the next replay overwrites it): each stack replays once
+        # per step, and everything that reads this output runs before that.
+        return graph.output.detach()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        graph = ctx.graph
+        graph.grad_output.copy_(grad)
+        graph.backward_graph.replay()
+        # The graph's buffers themselves, still referenced here: autograd copies them into .grad
+        # rather than adopting them, so gradient accumulation never adds a buffer to itself.
+        return (None, *graph.grads)
+
+
+class GraphedLayers:
+    """Stands in for a stack's `run_layers` in training (`layer_runner`): replays the graph of
+    the inputs' shapes, captured when the shape comes the second time; runs eagerly the first
+    time, and for any shape beyond `max_shapes`."""
+
+    def __init__(self, run: RunLayers, layers: nn.Module, max_shapes: int, warmup: int = 2):
+        self.run, self.layers, self.max_shapes, self.warmup = run, layers, max_shapes, warmup
+        self.graphs: dict[tuple, _StackGraph] = {}
+        self.seen: set[tuple] = set()
+        self.eager_calls = 0
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        key = tuple((a.shape, a.dtype, a.requires_grad) for a in args)
+        graph = self.graphs.get(key)
+        if graph is None:
+            # A shape is captured when it comes back: one-off shapes (an epoch's last batches)
+            # would each cost a capture and its memory for one use.
+            if key not in self.seen or len(self.graphs) >= self.max_shapes or not torch.is_grad_enabled():
+                self.seen.add(key)
+                self.eager_calls += 1
+                return self.run(*args)
+            graph = self.graphs[key] = _StackGraph(self.run, self.layers, args, self.warmup)
+        # Parameters as they are now: the graph read the ones it was captured with; were the
+        # modules holding other tensors (an unswapped compute weight), it would silently use stale ones.
+        params = tuple(self.layers.parameters())
+        if any(p is not q for p, q in zip(params, graph.params)):
+            raise RuntimeError("CUDA graph replayed on other parameter tensors than it was captured with")
+        return _Replay.apply(graph, *args, *params)
+
+
+def install(model: nn.Module, max_shapes: int) -> list[GraphedLayers]:
+    """Graph the encoder's and each decoder's layers (training only) and make the MoE layers route
+    padding. Returns the runners (their capture counts are the run's to report)."""
+    from u2moe.model.moe import MoEFeedForward
+
+    for module in model.modules():
+        if isinstance(module, MoEFeedForward):
+            module.route_padding = True
+    runners = []
+    stacks = [(model.encoder, model.encoder.encoders)]
+    for decoder in (model.decoder.left_decoder, model.decoder.right_decoder):
+        if decoder is not None:
+            stacks.append((decoder, decoder.decoders))
+    for owner, layers in stacks:
+        owner.layer_runner = GraphedLayers(owner.run_layers, layers, max_shapes)
+        runners.append(owner.layer_runner)
+    return runners
+
+
+def refuse_unsupported(cfg: Any, ds_cfg: dict[str, Any], ds_path: str | Path, info: Any) -> None:
+    """Start-up check of what `train.cuda_graphs` needs: a ConfigError naming each unmet condition."""
+    from u2moe.trainer.ds_config import autocast_dtype, zero_stage
+
+    unmet = []
+    if info.device.type != "cuda":
+        unmet.append(f"a CUDA device (this process trains on {info.device.type})")
+    if info.world_size > 1:
+        unmet.append(f"one process (this run has {info.world_size})")
+    if zero_stage(ds_cfg) > 0:
+        unmet.append(f"no ZeRO ({ds_path}: stage {zero_stage(ds_cfg)})")
+    if autocast_dtype(ds_cfg) is not None:
+        unmet.append(f"no autocast ({ds_path}; whole-model bf16 is ds_configs/zero0_pure_bf16.json)")
+    if cfg.data.batch.type != "bucket":
+        unmet.append(f"fixed batch shapes, data.batch.type: bucket (not {cfg.data.batch.type})")
+    if cfg.model.encoder.gradient_checkpointing or cfg.model.decoder.gradient_checkpointing:
+        unmet.append("no gradient_checkpointing")
+    if cfg.train.compile:
+        unmet.append("no train.compile")
+    ffn = cfg.model.encoder.ffn
+    if ffn.type == "moe" and info.device.type == "cuda":
+        from u2moe.model.moe.backends import backend_override, select_backend
+        from u2moe.trainer.ds_config import precision
+
+        dtype = torch.bfloat16 if precision(ds_cfg) == "bf16" else torch.float32
+        dims = (cfg.model.encoder.output_size, ffn.hidden_units)
+        if select_backend(backend_override(), info.device, dtype, dims) == "reference":
+            unmet.append(f"an expert backend without host reads, grouped_mm or triton (bf16 on sm80 or "
+                         f"newer); in {dtype} here the experts would run on the reference backend")
+    if unmet:
+        raise ConfigError("train.cuda_graphs needs " + "; ".join(unmet))
