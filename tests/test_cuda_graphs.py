@@ -31,6 +31,33 @@ def test_cuda_graphs_are_refused_naming_every_unmet_condition(monkeypatch):
                            {"bf16": {"enabled": True}}, "z.json", one_gpu)
 
 
+def test_a_shape_is_captured_on_its_second_sighting_and_replayed_after(monkeypatch):
+    """The runner's bookkeeping, without a GPU: captures and replays stand in as recordings."""
+    import u2moe.trainer.cuda_graphs as cuda_graphs
+
+    captured, replayed = [], []
+
+    class Recorded:
+        def __init__(self, run, layers, args, warmup):
+            self.params = tuple(layers.parameters())
+            captured.append(tuple(a.shape for a in args))
+
+    monkeypatch.setattr(cuda_graphs, "_StackGraph", Recorded)
+    monkeypatch.setattr(cuda_graphs._Replay, "apply", lambda graph, *a: replayed.append(graph) or a[0])
+    layers = torch.nn.Linear(4, 4)
+    eager = []
+    runner = cuda_graphs.GraphedLayers(lambda x: eager.append(x.shape) or x, layers, max_shapes=2)
+    a, b, c = (torch.zeros(n, 4, requires_grad=True) for n in (1, 2, 3))
+    for x in (a, a, a, b, b, c, c, c):
+        runner(x)
+    # a: eager, captured, replayed; b: eager, captured; c: eager every time (past max_shapes).
+    assert captured == [(a.shape,), (b.shape,)] and len(replayed) == 3
+    assert eager == [a.shape, b.shape, c.shape, c.shape, c.shape] and runner.eager_calls == 5
+    layers.weight = torch.nn.Parameter(layers.weight.detach().clone())  # a weight the graph never saw
+    with pytest.raises(RuntimeError, match="other parameter tensors"):
+        runner(a)
+
+
 def _batch(batch: int, frames: int, tokens: int, vocab: int, seed: int, dtype: torch.dtype) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(frames // 2, frames + 1, (batch,), generator=g)
