@@ -17,7 +17,8 @@
 set -euo pipefail
 data=$(realpath "$1"); out=$(realpath -m "$2"); steps=$3; shift 3
 repo=$(cd "$(dirname "$0")/.." && pwd)
-# One GPU: no ZeRO, bf16 autocast (the leanest step); several: ZeRO-2 bf16.
+# One GPU: no ZeRO, bf16 autocast (the one-GPU default; with CUDA graphs, DS_CONFIG=zero0_pure_bf16.json
+# and TRAIN_SET with data.batch.type=bucket train.cuda_graphs=true); several: ZeRO-2 bf16.
 ds_default=$repo/ds_configs/zero0_bf16.json
 [ "${GPUS:-1}" -gt 1 ] && ds_default=$repo/ds_configs/zero2_bf16.json
 ds=$(realpath "${DS_CONFIG:-$ds_default}")
