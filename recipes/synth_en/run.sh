@@ -9,7 +9,10 @@
 # 3 CMVN, 4 train (launch/train.sh: DeepSpeed, every GPU of this node), 5 average + export,
 # 6 decode. 8 x 24 GB: moe_1b, ZeRO-2 bf16, the 8 experts of each layer spread over the 8 GPUs
 # (train.expert_parallel_size=8); for a CPU try: --config tiny_moe --ds-config
-# ds_configs/zero2_fp32.json --expert-parallel-size 2. Options: --name value (--help).
+# ds_configs/zero2_fp32.json --expert-parallel-size 2; on one GPU, a small model with CUDA graphs
+# (docs/training.md): --config small_moe --vocab-size 256 --gpus 1 --expert-parallel-size 1 --ds-config
+# ds_configs/zero0_pure_bf16.json --train-opts "--set data.batch.type=bucket --set train.cuda_graphs=true".
+# Options: --name value (--help).
 set -euo pipefail
 
 stage=0
