@@ -450,6 +450,19 @@ def test_host_threads_are_limited_on_a_gpu_only():
     assert not offloads_to_host(load_ds_config(shipped, TrainConfig(), 1))
 
 
+def test_cuda_graphs_are_refused_at_start_up_where_they_cannot_run(corpus, tmp_path):
+    """`u2moe train` checks train.cuda_graphs' conditions before building anything (here: no
+    CUDA device, ZeRO-2, dynamic batches) and names them all."""
+    cmd = train_command(corpus, tmp_path / "exp", nproc=1, ds_config="zero2_fp32",
+                        extra=["train.cuda_graphs=true", "train.max_steps=1", "train.expert_parallel_size=1"])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    unmet = ["train.cuda_graphs needs", "stage 2", "data.batch.type: bucket (not dynamic)"]
+    for part in unmet + ([] if torch.cuda.is_available() else ["a CUDA device"]):
+        assert part in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "exp" / "checkpoints").exists()
+
+
 def test_a_diverged_run_is_not_checkpointed(corpus, tmp_path):
     """A non-finite gradient norm (here from an absurd learning rate) stops the run at the next
     checkpoint instead of writing NaN weights over the good ones."""
