@@ -46,6 +46,12 @@ def num_frames(num_samples: int, cfg: FbankConfig, sample_rate: int) -> int:
     return 0 if num_samples < length else 1 + (num_samples - length) // shift
 
 
+def samples_for_frames(frames: int, cfg: FbankConfig, sample_rate: int) -> int:
+    """The fewest samples that give `frames` (>= 1) fbank frames: num_frames' inverse."""
+    length, shift = window_sizes(cfg, sample_rate)
+    return length + (frames - 1) * shift
+
+
 class KaldiFbank(nn.Module):
     """(wavs [B, S] in [-1, 1], lengths [B] | None, dither) -> (feats [B, T, mel], lengths [B]).
 

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .batching import bucket_batches, collate, dynamic_batches, shuffle_buffer, sort_buffer, static_batches
 from .config import DataConfig
 from .errors import DataPrepError
-from .features import window_sizes
+from .features import samples_for_frames
 from .sample_processor import SampleProcessor
 from .shard_reader import read_shard
 from .sharding import read_shard_list, shards_for_reader
@@ -78,10 +78,9 @@ class AsrDataset(IterableDataset):
     def _batches(self, samples: Iterator[Any]) -> Iterator[dict[str, Any]]:
         bcfg = self.cfg.batch
         if bcfg.type == "bucket":
-            window, shift = window_sizes(self.cfg.fbank, self.cfg.sample_rate)
             for group, frames in bucket_batches(samples, bcfg.max_frames_in_batch, bcfg.bucket_frames):
-                # As many samples as give exactly `frames` fbank frames (whole windows only).
-                yield collate(group, pad_frames=frames, pad_samples=window + (frames - 1) * shift,
+                yield collate(group, pad_frames=frames,
+                              pad_samples=samples_for_frames(frames, self.cfg.fbank, self.cfg.sample_rate),
                               tokens_multiple=bcfg.bucket_tokens)
             return
         if bcfg.sort_buffer > 1:

@@ -26,9 +26,10 @@ def test_cuda_graphs_are_refused_naming_every_unmet_condition(monkeypatch):
                        {"bf16": {"enabled": True}}, "z.json", one_gpu)
     # Experts on the reference backend read their group sizes on the host: no capture.
     monkeypatch.setenv("U2MOE_EXPERT_BACKEND", "reference")
-    with pytest.raises(ConfigError, match="expert backend without host reads"):
-        refuse_unsupported(load_config("tiny_moe", ["train.cuda_graphs=true", "data.batch.type=bucket"]),
-                           {"bf16": {"enabled": True}}, "z.json", one_gpu)
+    for preset, sets in (("tiny_moe", []), ("tiny_dense", ["model.decoder.ffn.type=moe"])):  # MoE in either
+        with pytest.raises(ConfigError, match="expert backend without host reads"):
+            refuse_unsupported(load_config(preset, ["train.cuda_graphs=true", "data.batch.type=bucket", *sets]),
+                               {"bf16": {"enabled": True}}, "z.json", one_gpu)
 
 
 def test_a_shape_is_captured_on_its_second_sighting_and_replayed_after(monkeypatch):

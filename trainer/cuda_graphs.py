@@ -6,7 +6,7 @@ A graph replays the encoder's (or a decoder's) whole forward, or backward, in on
 graph holds is fixed: tensor shapes and addresses, and no host reads. So the batches come in a
 few fixed shapes (`data.batch.type: bucket`), the MoE layers route padded frames instead of
 removing them (`MoEFeedForward.route_padding`), and each stack keeps one graph pair per shape,
-captured the first time the shape comes (a few tenths of a second) and replayed after that.
+captured the second time the shape comes (a few tenths of a second) and replayed after that.
 Everything else of the step (features, embeddings, masks, CTC and attention losses, optimizer)
 stays eager.
 
@@ -174,14 +174,15 @@ def refuse_unsupported(cfg: Any, ds_cfg: dict[str, Any], ds_path: str | Path, in
         unmet.append("no gradient_checkpointing")
     if cfg.train.compile:
         unmet.append("no train.compile")
-    ffn = cfg.model.encoder.ffn
-    if ffn.type == "moe" and info.device.type == "cuda":
+    moe_ffns = [ffn for ffn in (cfg.model.encoder.ffn, cfg.model.decoder.ffn) if ffn.type == "moe"]
+    if moe_ffns and info.device.type == "cuda":
         from u2moe.model.moe.backends import backend_override, select_backend
         from u2moe.trainer.ds_config import precision
 
         dtype = torch.bfloat16 if precision(ds_cfg) == "bf16" else torch.float32
-        dims = (cfg.model.encoder.output_size, ffn.hidden_units)
-        if select_backend(backend_override(), info.device, dtype, dims) == "reference":
+        dim = cfg.model.encoder.output_size  # the decoder's too
+        if any(select_backend(backend_override(), info.device, dtype, (dim, ffn.hidden_units)) == "reference"
+               for ffn in moe_ffns):
             unmet.append(f"an expert backend without host reads, grouped_mm or triton (bf16 on sm80 or "
                          f"newer); in {dtype} here the experts would run on the reference backend")
     if unmet:
