@@ -10,7 +10,8 @@
 # Decoding: $DECODE_MODES (default ctc_greedy,attention_rescoring) at each chunk size of
 # $DECODE_CHUNKS (default -1: full context; "none": no decoding, e.g. for throughput runs), for
 # each set of $DECODE_SETS (default test; e.g. "dev test"). DECODE_ONLY=1 skips training and decodes
-# the runs already in OUT (e.g. when training and decoding must be separate calls).
+# the runs already in OUT (e.g. when training and decoding must be separate calls). $EXPORT_ARGS
+# are more `u2moe export` arguments (e.g. "--tag step_00006000": decode every preset at the same step).
 # Per preset: OUT/PRESET/ (metrics.jsonl, model.pt, decode_SET_chunkN/), OUT/PRESET.*.log,
 # OUT/PRESET.metrics.jsonl (bench/plot_dev_loss.py plots them), and a
 # summary of throughput and error rates in OUT/summary.txt.
@@ -50,7 +51,8 @@ for preset in "$@"; do
     grep -h "s of audio in" "$exp.train.log" >> "$out/summary.txt" || true  # the run's exact rate
   fi
   [ "${DECODE_CHUNKS:-}" = none ] && continue
-  python3 -m u2moe export --exp-dir "$exp" --out "$exp/model.pt"
+  # shellcheck disable=SC2086
+  python3 -m u2moe export --exp-dir "$exp" --out "$exp/model.pt" ${EXPORT_ARGS:-}
   for set in ${DECODE_SETS:-test}; do
     for chunk in ${DECODE_CHUNKS:--1}; do
       python3 -m u2moe decode --model "$exp/model.pt" --shards "$data/$set/shards.list" --device "$device" \

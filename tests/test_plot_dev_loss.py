@@ -27,6 +27,28 @@ def test_dev_curve_keeps_the_last_record_of_each_step_in_step_order(tmp_path):
         plot.dev_curve(tmp_path, "cer")
 
 
+def test_a_trainer_log_gives_the_curve_of_its_metrics_jsonl(tmp_path):
+    """A run whose metrics.jsonl was lost: its log's dev lines, as the trainer writes them, give
+    the same curve to the logged precision, and training lines are not taken for dev records."""
+    from u2moe.trainer.progress import dev_line
+
+    _metrics(tmp_path / "metrics.jsonl")
+    lines = ["2026-11-27 08:31:14,025 [rank 0] epoch 0 step 10 loss 9.000 lr 1e-4"]
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["split"] == "dev":
+            metrics = {k: v + 1e-4 for k, v in record.items() if k not in ("split", "step")}
+            lines.append("2026-11-27 08:31:15,000 [rank 0] " + dev_line(record["step"], 300, metrics))
+    log = tmp_path / "run.train.log"
+    log.write_text("\n".join(lines) + "\n")
+    for metric in ("loss", "wer"):
+        steps, values = plot.dev_curve(log, metric)
+        reference = plot.dev_curve(tmp_path, metric)
+        assert steps == reference[0] and values == pytest.approx(reference[1], abs=1e-3)
+    with pytest.raises(SystemExit, match="no dev records with 'cer'"):
+        plot.dev_curve(log, "cer")
+
+
 def test_png_is_written(tmp_path):
     pytest.importorskip("matplotlib")
     _metrics(tmp_path / "metrics.jsonl")

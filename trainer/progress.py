@@ -17,6 +17,11 @@ import torch.distributed as dist
 logger = logging.getLogger("u2moe.train")
 
 
+def dev_line(step: int, utterances: int, metrics: dict[str, float]) -> str:
+    """The log line of one dev evaluation (bench/plot_dev_loss.py reads it back from logs)."""
+    return f"dev step {step} utts {utterances} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+
+
 class ThroughputMeter:
     """Frames, audio seconds and loss terms since the last report, summed over all ranks.
 

@@ -19,7 +19,7 @@ from u2moe.data_prep.errors import DataPrepError
 from u2moe.dataconf import ConfigError, to_dict
 from u2moe.trainer.checkpoint import load_latest, save_checkpoint
 from u2moe.trainer.distributed import DistInfo, limit_host_threads
-from u2moe.trainer.progress import Reporter, ThroughputMeter, gpu_memory_gb
+from u2moe.trainer.progress import Reporter, ThroughputMeter, dev_line, gpu_memory_gb
 
 logger = logging.getLogger("u2moe.train")
 
@@ -422,8 +422,7 @@ class Trainer:
         if all_pairs:
             errors = score([r for r, _ in all_pairs], [h for _, h in all_pairs])
             result.update(cer=100 * errors.cer.rate, wer=100 * errors.wer.rate)
-        self.reporter.line(f"dev step {step} utts {int(total[0])} " +
-                           " ".join(f"{k} {v:.3f}" for k, v in result.items()))
+        self.reporter.line(dev_line(step, int(total[0]), result))
         self.reporter.scalars("dev", result, step)
         # The next evaluation's workers open the shards and fill their sort buffers during the
         # training in between: a cold start cost about 2 s per evaluation on a GPU machine.
