@@ -141,3 +141,36 @@ def test_every_triton_tile_shape_on_cpu(index, monkeypatch):
 @pytest.mark.parametrize("backend", ["grouped_mm", "triton"])
 def test_gpu_backend_large_groups_bf16(backend):
     compare_large_groups(backend, "cuda", torch.bfloat16, dim=256, hidden=512, frames=700, tol=2e-2)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("backend", ["grouped_mm", "triton"])
+def test_graphed_bench_step_gives_the_eager_gradients(backend):
+    """`u2moe bench moe --cuda-graphs` times replays of one captured step: each replay must do
+    the eager step's work (padded batch: the graph routes padding, eager removes it first), and
+    write the gradients afresh rather than add to them."""
+    import copy
+
+    from u2moe.model.moe.bench import graphed_train_step
+
+    torch.manual_seed(0)
+    cfg = FeedForwardConfig(type="moe", hidden_units=512, dropout_rate=0.0, num_experts=8, top_k=2)
+    eager = MoEFeedForward(256, cfg).to("cuda", torch.bfloat16)
+    eager.experts.backend = backend
+    graphed = copy.deepcopy(eager)
+    graphed.route_padding = True
+    x = torch.randn(4, 300, 256, device="cuda", dtype=torch.bfloat16)
+    valid = torch.arange(300, device="cuda")[None] < torch.tensor([[300], [200], [50], [1]], device="cuda")
+    grad = torch.randn_like(x)
+    x_ref = x.clone().requires_grad_()
+    eager(x_ref, valid).backward(grad)
+    reference = [x_ref.grad] + [p.grad for p in eager.parameters()]
+    x_graph = x.clone().requires_grad_()
+    replay = graphed_train_step(graphed, x_graph, lambda t: graphed(t, valid), grad)
+    for _ in range(2):
+        replay()
+        torch.cuda.synchronize()
+        for got, ref in zip([x_graph.grad] + [p.grad for p in graphed.parameters()], reference):
+            scale = ref.float().abs().max().clamp_min(1e-6)
+            assert ((got.float() - ref.float()).abs().max() / scale) < 2e-2

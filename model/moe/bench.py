@@ -4,7 +4,8 @@ expert parallelism, one process per GPU) and `u2moe bench moe-infer` (CPU, batch
 `moe`: forward + backward time of the dense FFN, the ideal top-k MoE (k x dense), DeepSpeed's
 native MoE (drop_tokens=False), a per-expert loop (our `reference` backend) and our layer with
 each GPU backend, for each (T, d, FFN) shape, dense and with padding. CUDA events, median of
-`--iters` steps after warm-up.
+`--iters` steps after warm-up. `--cuda-graphs` adds the dense FFN and our GPU backends with the
+step replayed as one CUDA graph (`*_graphed` columns): the layer without its host launches.
 
 `moe-ep`: started by a launcher (`torchrun --nproc_per_node P -m u2moe bench moe-ep`), each rank
 with T frames of its own: our layer with its experts split over the P ranks (all-to-all
@@ -32,6 +33,8 @@ from u2moe.model.moe.layer import MoEFeedForward
 from u2moe.trainer.distributed import DistInfo, distributed
 
 SHAPES = ((16384, 512, 2048), (32768, 256, 2048), (16384, 1024, 4096))
+# Backends whose layer a CUDA graph can hold (no host reads); `reference` reads its group sizes.
+GRAPHABLE_BACKENDS = {"grouped_mm", "triton"}
 
 
 def time_steps(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> list[float]:
@@ -63,6 +66,37 @@ def _train_step(module: nn.Module, x: torch.Tensor, call: Callable[[torch.Tensor
         x.grad = None
         call(x).backward(grad)
     return step
+
+
+def graphed_train_step(module: nn.Module, x: torch.Tensor, call: Callable[[torch.Tensor], torch.Tensor],
+                       grad: torch.Tensor | None = None) -> Callable[[], None]:
+    """`_train_step`'s forward + backward captured once as a CUDA graph; the step replays it.
+
+    What the layer costs without the host's launches, as `train.cuda_graphs` runs it. Warmed up
+    on a side stream first (Triton's autotuning and cuBLAS's workspaces must not happen inside
+    the capture). Every replay writes the gradients afresh (they are the capture's outputs, not
+    accumulated into). The call must not read device values on the host: under padding, our
+    layer routes the padded frames (`route_padding`) instead of removing them. grad: the
+    output's gradient (random by default).
+    """
+    grad = torch.randn_like(x) if grad is None else grad
+
+    def clear() -> None:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            clear()
+            call(x).backward(grad)
+    torch.cuda.current_stream().wait_stream(side)
+    clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call(x).backward(grad)
+    return graph.replay
 
 
 def _batch(frames: int, dim: int, pad: float, device: torch.device, dtype: torch.dtype = torch.bfloat16
@@ -120,6 +154,16 @@ def bench_moe(args: argparse.Namespace) -> dict:
             for backend in args.backends:
                 moe.experts.backend = backend
                 row[backend] = run(moe, lambda t: moe(t, valid))
+            if args.cuda_graphs:
+                replayed = lambda m, f: statistics.median(
+                    time_steps(graphed_train_step(m, x, f), device, args.warmup, args.iters))
+                row["dense_graphed"] = replayed(dense, lambda t: dense(t))
+                row["ideal_graphed"] = args.top_k * row["dense_graphed"]
+                moe.route_padding = True
+                for backend in (b for b in args.backends if b in GRAPHABLE_BACKENDS):
+                    moe.experts.backend = backend
+                    row[f"{backend}_graphed"] = replayed(moe, lambda t: moe(t, valid))
+                moe.route_padding = False
             rows.append(row)
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
                               for k, v in row.items()}), flush=True)
@@ -247,6 +291,8 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     _training_step_arguments(p)
     p.add_argument("--backends", nargs="+", default=["reference", "grouped_mm", "triton"])
     p.add_argument("--profile", action="store_true", help="kernel table of our layer")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also time the dense FFN and our GPU backends with each step replayed as a CUDA graph")
     p.set_defaults(handler=_run(bench_moe))
     p = sub.add_parser("moe-ep", help="MoE layer training step, expert parallel (start it with a launcher)")
     _training_step_arguments(p)
