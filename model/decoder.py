@@ -31,9 +31,12 @@ class TransformerDecoder(nn.Module):
         # trainer's CUDA graphs (trainer/cuda_graphs.py).
         self.layer_runner: Callable[..., torch.Tensor] | None = None
 
-    def forward(self, memory: torch.Tensor, memory_valid: torch.Tensor, ys_in: torch.Tensor,
-                ys_in_lens: torch.Tensor) -> torch.Tensor:
-        """memory [B, T, D], memory_valid [B, T], ys_in [B, L] (<sos> + tokens) -> logits [B, L, V]."""
+    def forward(self, memory: torch.Tensor | None, memory_valid: torch.Tensor, ys_in: torch.Tensor,
+                ys_in_lens: torch.Tensor, memory_kv: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """memory [B, T, D], memory_valid [B, T], ys_in [B, L] (<sos> + tokens) -> logits [B, L, V].
+        memory_kv: each layer's cross-attention keys and values of the memory (`project_memory`),
+        given instead of memory: rescoring projects an utterance's memory once for all of its
+        hypotheses, not once per hypothesis."""
         tgt_valid = make_non_pad_mask(ys_in_lens, ys_in.size(1))
         tgt_mask = tgt_valid.unsqueeze(1) & subsequent_mask(ys_in.size(1), ys_in.device).unsqueeze(0)
         x = self.pos_enc(self.embed(ys_in))
@@ -42,22 +45,26 @@ class TransformerDecoder(nn.Module):
         dtype = x.dtype if torch.jit.is_scripting() else compute_dtype(x)
         tgt_mask = additive_mask(tgt_mask, dtype)
         memory_mask = additive_mask(memory_valid.unsqueeze(1), dtype)
-        run = self.run_layers
         if not torch.jit.is_scripting():
-            if self.layer_runner is not None and self.training:
-                run = self.layer_runner
-        x = run(x, tgt_mask, memory, memory_mask, tgt_valid)
+            if self.layer_runner is not None and self.training and memory_kv is None:
+                x = self.layer_runner(x, tgt_mask, memory, memory_mask, tgt_valid)
+                return self.output_layer(self.after_norm(x))
+        x = self.run_layers(x, tgt_mask, memory, memory_mask, tgt_valid, memory_kv)
         return self.output_layer(self.after_norm(x))
 
-    def run_layers(self, x: torch.Tensor, tgt_mask: torch.Tensor, memory: torch.Tensor,
-                   memory_mask: torch.Tensor, tgt_valid: torch.Tensor) -> torch.Tensor:
+    def run_layers(self, x: torch.Tensor, tgt_mask: torch.Tensor, memory: torch.Tensor | None,
+                   memory_mask: torch.Tensor, tgt_valid: torch.Tensor,
+                   memory_kv: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The decoder blocks under additive masks (what `layer_runner` replaces)."""
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.decoders):
+            layer_kv: torch.Tensor | None = None
+            if memory_kv is not None:
+                layer_kv = memory_kv[i]
             if recompute and not torch.jit.is_scripting():
-                x = self._checkpointed(i, x, tgt_mask, memory, memory_mask, tgt_valid)
+                x = self._checkpointed(i, x, tgt_mask, memory, memory_mask, tgt_valid, layer_kv)
             else:
-                x = layer(x, tgt_mask, memory, memory_mask, tgt_valid)
+                x = layer(x, tgt_mask, memory, memory_mask, tgt_valid, layer_kv)
         return x
 
     @torch.jit.unused  # incremental decoding is Python-side search, not part of the exported graph
@@ -83,9 +90,11 @@ class TransformerDecoder(nn.Module):
         return self.output_layer(self.after_norm(x))[:, 0], new_caches
 
     @torch.jit.unused  # the exported runtime never trains
-    def _checkpointed(self, i: int, x: torch.Tensor, tgt_mask: torch.Tensor, memory: torch.Tensor,
-                      memory_mask: torch.Tensor, tgt_valid: torch.Tensor) -> torch.Tensor:
-        return checkpoint(self.decoders[i], x, tgt_mask, memory, memory_mask, tgt_valid, use_reentrant=False)
+    def _checkpointed(self, i: int, x: torch.Tensor, tgt_mask: torch.Tensor, memory: torch.Tensor | None,
+                      memory_mask: torch.Tensor, tgt_valid: torch.Tensor, memory_kv: torch.Tensor | None
+                      ) -> torch.Tensor:
+        return checkpoint(self.decoders[i], x, tgt_mask, memory, memory_mask, tgt_valid, memory_kv,
+                          use_reentrant=False)
 
 
 class BiTransformerDecoder(nn.Module):

@@ -20,14 +20,20 @@ class DecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
-    def forward(self, tgt: torch.Tensor, tgt_mask: torch.Tensor, memory: torch.Tensor,
-                memory_mask: torch.Tensor, tgt_valid: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, tgt: torch.Tensor, tgt_mask: torch.Tensor, memory: torch.Tensor | None,
+                memory_mask: torch.Tensor, tgt_valid: torch.Tensor | None,
+                memory_kv: torch.Tensor | None = None) -> torch.Tensor:
         """tgt [B, L, D], tgt_mask [B, L, L], memory [B, T, D], memory_mask [B, 1, T] (True = may
-        attend, or both as `attention.additive_mask` makes them), tgt_valid [B, L]."""
+        attend, or both as `attention.additive_mask` makes them), tgt_valid [B, L]. memory_kv:
+        memory's keys and values from `src_attn.project_key_value`, given instead of memory."""
         h = self.norm1(tgt)
         x = tgt + self.dropout(self.self_attn(h, h, h, tgt_mask)[0])
         h = self.norm2(x)
-        x = x + self.dropout(self.src_attn(h, memory, memory, memory_mask)[0])
+        if memory_kv is not None:
+            x = x + self.dropout(self.src_attn.attend_projected(h, memory_kv, memory_mask))
+        else:
+            assert memory is not None, "a decoder layer needs memory or its projected memory_kv"
+            x = x + self.dropout(self.src_attn(h, memory, memory, memory_mask)[0])
         return x + self.dropout(self.feed_forward(self.norm3(x), tgt_valid))
 
     @torch.jit.unused  # incremental decoding is Python-side search, not part of the exported graph

@@ -15,7 +15,7 @@ from u2moe.model.checkpoint import load_model_file, save_model_file
 from u2moe.model.decoding.attention_beam import attention_beam_search
 from u2moe.model.decoding.ctc_greedy import ctc_greedy_search
 from u2moe.model.decoding.ctc_prefix_beam import CtcPrefixBeamSearch, ctc_prefix_beam_search
-from u2moe.model.decoding.rescoring import attention_rescoring
+from u2moe.model.decoding.rescoring import attention_rescoring, decoder_scores
 from u2moe.model.decoding.scoring import score
 from u2moe.model.decoding.search import MODES, DecodeOptions, decode_batch
 
@@ -141,6 +141,25 @@ def test_attention_rescoring_is_the_u2pp_combination_of_direct_scores(preset):
                 r2l = _direct_sequence_logp(model.decoder.right_decoder, mem, hyp[::-1], model.sos)
                 direct.append((1 - rev_w) * l2r + rev_w * r2l + ctc_w * ctc)
             assert best[b] == nbest[max(range(len(nbest)), key=direct.__getitem__)][0]
+
+
+@pytest.mark.parametrize("preset", ["tiny_dense", "tiny_moe"])
+def test_decoder_scores_equal_each_sequence_scored_alone(preset):
+    """The batched scores (memory projected once per utterance, padded hypotheses of several
+    utterances together) against each hypothesis run alone through each decoder."""
+    model = tiny_model(preset)
+    feats, lens = torch.randn(2, 90, 80), torch.tensor([90, 61])
+    hyps = [[5, 6, 7], [9], [], [4, 4, 8, 3, 2], [8]]
+    owner = torch.tensor([0, 0, 0, 1, 1])
+    with torch.no_grad():
+        memory, valid = model.encoder(feats, lens)
+        got = decoder_scores(model, memory, valid, owner, hyps, reverse_weight=0.4)
+        for i, hyp in enumerate(hyps):
+            b = int(owner[i])
+            mem = memory[b:b + 1, :int(valid[b].sum())]
+            l2r = _direct_sequence_logp(model.decoder.left_decoder, mem, hyp, model.sos)
+            r2l = _direct_sequence_logp(model.decoder.right_decoder, mem, hyp[::-1], model.sos)
+            assert float(got[i]) == pytest.approx(0.6 * l2r + 0.4 * r2l, abs=1e-4)
 
 
 def test_attention_beam_of_one_is_greedy_decoding():
