@@ -130,8 +130,9 @@ class MultiHeadedAttention(nn.Module):
 
     def attend_projected(self, query: torch.Tensor, key_value: torch.Tensor, mask: torch.Tensor
                          ) -> torch.Tensor:
-        """Attention of query [B, Tq, D] over keys and values from `project_key_value`."""
-        k, v = key_value.split(self.d_k, dim=-1)
+        """Attention of query [B, Tq, D] over keys and values from `project_key_value`, of B
+        memories or of one shared by the whole batch."""
+        k, v = key_value.expand(query.size(0), -1, -1, -1).split(self.d_k, dim=-1)
         return self._attend(self._heads(self.linear_q(query)), k, v, mask)
 
 

@@ -67,10 +67,14 @@ class TransformerDecoder(nn.Module):
                 x = layer(x, tgt_mask, memory, memory_mask, tgt_valid, layer_kv)
         return x
 
-    @torch.jit.unused  # incremental decoding is Python-side search, not part of the exported graph
+    @torch.jit.export  # the runtime module's forward_attention_decoder projects through it
     def project_memory(self, memory: torch.Tensor) -> list[torch.Tensor]:
-        """Each layer's cross-attention keys and values of memory [B, T, D], for `forward_step`."""
-        return [layer.src_attn.project_key_value(memory) for layer in self.decoders]
+        """Each layer's cross-attention keys and values of memory [B, T, D], for `forward_step`
+        and `forward`'s memory_kv."""
+        projected: list[torch.Tensor] = []
+        for layer in self.decoders:
+            projected.append(layer.src_attn.project_key_value(memory))
+        return projected
 
     @torch.jit.unused
     def forward_step(self, token: torch.Tensor, position: int, caches: list[torch.Tensor | None],

@@ -121,13 +121,15 @@ class RuntimeModule(nn.Module):
         output is a 0-dim zero (as in WeNet)."""
         assert encoder_out.size(0) == 1
         num = hyps.size(0)
-        memory = encoder_out.expand(num, -1, -1)
-        memory_valid = torch.ones(num, memory.size(1), dtype=torch.bool, device=memory.device)
-        score = F.log_softmax(self.left_decoder(memory, memory_valid, hyps, hyps_lens).float(), dim=-1)
+        memory_valid = torch.ones(num, encoder_out.size(1), dtype=torch.bool, device=encoder_out.device)
+        # Each decoder layer projects encoder_out once; its keys and values serve every hypothesis.
+        score = F.log_softmax(self.left_decoder(None, memory_valid, hyps, hyps_lens,
+                                                self.left_decoder.project_memory(encoder_out)).float(), dim=-1)
         r_score = torch.zeros((), device=score.device)
         if self.right_decoder is not None and reverse_weight > 0:
             r_hyps = reverse_hyps(hyps, hyps_lens, self.eos)
-            r_logits = self.right_decoder(memory, memory_valid, r_hyps, hyps_lens)
+            r_logits = self.right_decoder(None, memory_valid, r_hyps, hyps_lens,
+                                          self.right_decoder.project_memory(encoder_out))
             r_score = F.log_softmax(r_logits.float(), dim=-1)
         return score, r_score
 
