@@ -18,6 +18,7 @@ from spawn_helpers import free_port, send_result, spawn_ranks
 from trainer_helpers import (kill_all, prepare_corpus, run, start, train_command, train_losses,
                              wait_for)
 from u2moe.trainer.config import TrainConfig
+from u2moe.trainer.progress import BlankOutputWatch
 from u2moe.trainer.ds_config import (DeepSpeedConfigError, engine_config, load_ds_config, offloads_to_host, precision,
                                      trainer_clips, trainer_runs_bf16)
 from u2moe.trainer.scheduler import warmup_lr
@@ -70,6 +71,17 @@ def test_ds_config_refuses_what_the_yaml_owns(tmp_path):
     path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
     cfg = load_ds_config(path, TrainConfig(grad_clip=3.0, accum_grad=4), 2)
     assert (cfg["gradient_clipping"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"]) == (3.0, 4, 8)
+
+
+def test_blank_output_watch_tells_once_after_the_warm_up():
+    watch = BlankOutputWatch(warmup_steps=100, patience=3)
+    # Before the warm-up ends an empty output is expected: it does not count.
+    assert [watch.update(step, 100.0) for step in (20, 60, 99)] == [None] * 3
+    # A learning encoder (some output) breaks the streak.
+    assert [watch.update(step, e) for step, e in ((100, 100.0), (120, 100.0), (140, 80.0))] == [None] * 3
+    said = [watch.update(step, 100.0) for step in (160, 180, 200, 220, 240, 260)]
+    assert said[:2] == [None, None] and "step 200" in said[2] and "optim.lr" in said[2]
+    assert said[3:] == [None] * 3  # once
 
 
 def test_warmup_lr_follows_wenet_formula():
@@ -145,14 +157,19 @@ def _check_export(corpus, exp_dir, tmp_path):
     cfg = load_config(exp_dir / "train.yaml")
     loader = build_dataloader(corpus["dev"], Tokenizer.load(corpus["units"]), cfg.data, train=False,
                               seed=cfg.train.seed, rank=0, world_size=1)
-    total, utts = 0.0, 0
+    from u2moe.model.decoding.ctc_greedy import ctc_greedy_search
+
+    total, utts, empty = 0.0, 0, 0
     with torch.no_grad():
         for batch in loader:
             out = model(batch["feats"], batch["feats_lengths"], batch["target"], batch["target_lengths"])
             total += float(out["loss"]) * len(batch["keys"])
             utts += len(batch["keys"])
+            memory, valid = model.encoder(batch["feats"], batch["feats_lengths"])
+            empty += sum(not hyp for hyp in ctc_greedy_search(model.ctc.log_softmax(memory), valid.sum(1)))
     assert utts == 8
     assert total / utts == pytest.approx(dev["loss"], rel=1e-4)
+    assert dev["empty"] == pytest.approx(100 * empty / utts)  # the share of empty CTC greedy outputs
 
     # Warm start: a one-process run (expert parallelism 1) starts from that file; with a
     # vanishing learning rate its first checkpoint holds the same weights.

@@ -17,6 +17,34 @@ import torch.distributed as dist
 logger = logging.getLogger("u2moe.train")
 
 
+class BlankOutputWatch:
+    """Tells once when the dev CTC output has stayed empty since the learning-rate warm-up ended.
+
+    An encoder still on CTC's all-blank plateau then rarely leaves it, while the attention
+    decoders keep lowering the total loss by learning the transcripts, so the loss alone does not
+    show it (big_dense at lr 1e-3 in docs/RESULTS.md: 7559 steps of it).
+    """
+
+    def __init__(self, warmup_steps: int, patience: int = 3, threshold: float = 99.0):
+        self.warmup_steps, self.patience, self.threshold = warmup_steps, patience, threshold
+        self.streak = 0
+        self.told = False
+
+    def update(self, step: int, empty_percent: float) -> str | None:
+        """empty_percent: dev utterances whose CTC greedy hypothesis is empty. A warning the first
+        time `patience` evaluations in a row after the warm-up find nearly all of them empty."""
+        if step < self.warmup_steps or empty_percent < self.threshold:
+            self.streak = 0
+            return None
+        self.streak += 1
+        if self.told or self.streak < self.patience:
+            return None
+        self.told = True
+        return (f"dev CTC output empty for {empty_percent:.1f}% of utterances at {self.patience} evaluations "
+                f"in a row since the warm-up ended (step {step}): the encoder is not learning; a lower "
+                f"optim.lr usually lets it")
+
+
 def dev_line(step: int, utterances: int, metrics: dict[str, float]) -> str:
     """The log line of one dev evaluation (bench/plot_dev_loss.py reads it back from logs)."""
     return f"dev step {step} utts {utterances} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())

@@ -19,7 +19,7 @@ from u2moe.data_prep.errors import DataPrepError
 from u2moe.dataconf import ConfigError, to_dict
 from u2moe.trainer.checkpoint import load_latest, save_checkpoint
 from u2moe.trainer.distributed import DistInfo, limit_host_threads
-from u2moe.trainer.progress import Reporter, ThroughputMeter, dev_line, gpu_memory_gb
+from u2moe.trainer.progress import BlankOutputWatch, Reporter, ThroughputMeter, dev_line, gpu_memory_gb
 
 logger = logging.getLogger("u2moe.train")
 
@@ -134,6 +134,7 @@ class Trainer:
         self.features = FeatureExtractor(cfg.data).to(info.device) if cfg.data.device_features else None
         self.ckpt_root = paths.exp_dir / "checkpoints"
         self.reporter = Reporter(paths.exp_dir, info.is_main)
+        self.blank_watch = BlankOutputWatch(cfg.optim.warmup_steps)
         self.epoch = 0
         self.batches_in_epoch = 0
         self.last_saved_step = -1
@@ -421,7 +422,11 @@ class Trainer:
         all_pairs = [p for part in gathered for p in part]
         if all_pairs:
             errors = score([r for r, _ in all_pairs], [h for _, h in all_pairs])
-            result.update(cer=100 * errors.cer.rate, wer=100 * errors.wer.rate)
+            empty = 100 * sum(not h for _, h in all_pairs) / len(all_pairs)
+            result.update(cer=100 * errors.cer.rate, wer=100 * errors.wer.rate, empty=empty)
+            warning = self.blank_watch.update(step, empty)
+            if warning is not None and self.info.is_main:
+                logger.warning(warning)
         self.reporter.line(dev_line(step, int(total[0]), result))
         self.reporter.scalars("dev", result, step)
         # The next evaluation's workers open the shards and fill their sort buffers during the
