@@ -176,12 +176,12 @@ def refuse_unsupported(cfg: Any, ds_cfg: dict[str, Any], ds_path: str | Path, in
         unmet.append("no train.compile")
     moe_ffns = [ffn for ffn in (cfg.model.encoder.ffn, cfg.model.decoder.ffn) if ffn.type == "moe"]
     if moe_ffns and info.device.type == "cuda":
-        from u2moe.model.moe.backends import backend_override, select_backend
+        from u2moe.model.moe.backends import GEMMS, backend_override, select_backend
         from u2moe.trainer.ds_config import precision
 
         dtype = torch.bfloat16 if precision(ds_cfg) == "bf16" else torch.float32
         dim = cfg.model.encoder.output_size  # the decoder's too
-        if any(select_backend(backend_override(), info.device, dtype, (dim, ffn.hidden_units)) == "reference"
+        if any(GEMMS[select_backend(backend_override(), info.device, dtype, (dim, ffn.hidden_units))].reads_host
                for ffn in moe_ffns):
             unmet.append(f"an expert backend without host reads, grouped_mm or triton (bf16 on sm80 or "
                          f"newer); in {dtype} here the experts would run on the reference backend")

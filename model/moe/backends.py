@@ -54,6 +54,10 @@ class GroupedGemm:
     all operands in one dtype. `ExpertFFN` (experts.py) chains them into the experts' forward and
     backward; each backend below implements them with its own kernels."""
 
+    # True where the products need the group sizes on the host: a device-host sync per layer,
+    # which a CUDA graph cannot hold.
+    reads_host = False
+
     @staticmethod
     def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
         """x [M, K], w [E, K, N], b [E, N] -> [M, N]."""
@@ -73,6 +77,8 @@ class GroupedGemm:
 
 class ReferenceGemm(GroupedGemm):
     """One matrix product per expert; reads the group sizes on the host. The CPU's choice."""
+
+    reads_host = True
 
     @staticmethod
     def linear(x, w, b, groups):

@@ -29,12 +29,11 @@ from torch import nn
 from u2moe.model.config import FeedForwardConfig
 from u2moe.model.feed_forward import PositionwiseFeedForward
 from u2moe.model.moe.all_to_all_dispatcher import ALL_TO_ALL_TIMER
+from u2moe.model.moe.backends import GEMMS
 from u2moe.model.moe.layer import MoEFeedForward
 from u2moe.trainer.distributed import DistInfo, distributed
 
 SHAPES = ((16384, 512, 2048), (32768, 256, 2048), (16384, 1024, 4096))
-# Backends whose layer a CUDA graph can hold (no host reads); `reference` reads its group sizes.
-GRAPHABLE_BACKENDS = {"grouped_mm", "triton"}
 
 
 def time_steps(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> list[float]:
@@ -160,7 +159,8 @@ def bench_moe(args: argparse.Namespace) -> dict:
                 row["dense_graphed"] = replayed(dense, lambda t: dense(t))
                 row["ideal_graphed"] = args.top_k * row["dense_graphed"]
                 moe.route_padding = True
-                for backend in (b for b in args.backends if b in GRAPHABLE_BACKENDS):
+                # A graph holds no host read: the backends that make none.
+                for backend in (b for b in args.backends if b in GEMMS and not GEMMS[b].reads_host):
                     moe.experts.backend = backend
                     row[f"{backend}_graphed"] = replayed(moe, lambda t: moe(t, valid))
                 moe.route_padding = False
