@@ -149,7 +149,8 @@ def test_gpu_backend_large_groups_bf16(backend):
 def test_graphed_bench_step_gives_the_eager_gradients(backend):
     """`u2moe bench moe --cuda-graphs` times replays of one captured step: each replay must do
     the eager step's work (padded batch: the graph routes padding, eager removes it first), and
-    write the gradients afresh rather than add to them."""
+    write the gradients afresh rather than add to them, also while an older graph of the input
+    is alive."""
     import copy
 
     from u2moe.model.moe.bench import graphed_train_step
@@ -167,7 +168,11 @@ def test_graphed_bench_step_gives_the_eager_gradients(backend):
     eager(x_ref, valid).backward(grad)
     reference = [x_ref.grad] + [p.grad for p in eager.parameters()]
     x_graph = x.clone().requires_grad_()
+    # A graph of the input made on the default stream and still held, as DeepSpeed's MoE keeps
+    # its aux loss when the bench times it first: the capture must not depend on it.
+    held = (x_graph * 2).sum()
     replay = graphed_train_step(graphed, x_graph, lambda t: graphed(t, valid), grad)
+    del held
     for _ in range(2):
         replay()
         torch.cuda.synchronize()

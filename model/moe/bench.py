@@ -79,22 +79,27 @@ def graphed_train_step(module: nn.Module, x: torch.Tensor, call: Callable[[torch
     output's gradient (random by default).
     """
     grad = torch.randn_like(x) if grad is None else grad
+    # The capture differentiates a fresh leaf on x's memory: an autograd graph that is still held
+    # elsewhere (DeepSpeed's MoE keeps its last aux loss) keeps x's gradient node of an earlier
+    # eager step alive, on the default stream, and the capture may not wait for that stream.
+    leaf = x.detach().requires_grad_()
 
     def clear() -> None:
         module.zero_grad(set_to_none=True)
-        x.grad = None
+        leaf.grad = None
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):
             clear()
-            call(x).backward(grad)
+            call(leaf).backward(grad)
     torch.cuda.current_stream().wait_stream(side)
     clear()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        call(x).backward(grad)
+        call(leaf).backward(grad)
+    x.grad = leaf.grad  # the replays write into it
     return graph.replay
 
 
