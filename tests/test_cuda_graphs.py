@@ -14,16 +14,23 @@ from u2moe.trainer.cuda_graphs import install, refuse_unsupported
 
 
 def test_cuda_graphs_are_refused_naming_every_unmet_condition(monkeypatch):
-    cfg = load_config("tiny_moe", ["train.cuda_graphs=true", "model.encoder.gradient_checkpointing=true"])
+    cfg = load_config("tiny_moe", ["train.cuda_graphs=true", "model.encoder.gradient_checkpointing=true",
+                                   "train.expert_parallel_size=2"])
     ds_cfg = {"zero_optimization": {"stage": 2}, "torch_autocast": {"enabled": True}}
     with pytest.raises(ConfigError) as refused:
         refuse_unsupported(cfg, ds_cfg, "z.json", SimpleNamespace(device=torch.device("cpu"), world_size=2))
-    for unmet in ("a CUDA device", "one process (this run has 2)", "z.json: stage 2", "no autocast",
+    for unmet in ("a CUDA device", "expert parallelism 1, not 2", "z.json; whole-model bf16", "no autocast",
                   "data.batch.type: bucket (not dynamic)", "gradient_checkpointing"):
         assert unmet in str(refused.value)
     one_gpu = SimpleNamespace(device=torch.device("cuda"), world_size=1)
     refuse_unsupported(load_config("tiny_dense", ["train.cuda_graphs=true", "data.batch.type=bucket"]),
                        {"bf16": {"enabled": True}}, "z.json", one_gpu)
+    # Data parallelism under ZeRO-2, the MoE's experts whole on each rank (expert parallelism 1).
+    monkeypatch.setenv("U2MOE_EXPERT_BACKEND", "grouped_mm")
+    two_gpus = SimpleNamespace(device=torch.device("cuda"), world_size=2)
+    refuse_unsupported(load_config("tiny_moe", ["train.cuda_graphs=true", "data.batch.type=bucket",
+                                                "train.expert_parallel_size=1"]),
+                       {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}, "z.json", two_gpus)
     # Experts on the reference backend read their group sizes on the host: no capture.
     monkeypatch.setenv("U2MOE_EXPERT_BACKEND", "reference")
     for preset, sets in (("tiny_moe", []), ("tiny_dense", ["model.decoder.ffn.type=moe"])):  # MoE in either
@@ -36,14 +43,17 @@ def test_a_shape_is_captured_on_its_second_sighting_and_replayed_after(monkeypat
     """The runner's bookkeeping, without a GPU: captures and replays stand in as recordings."""
     import u2moe.trainer.cuda_graphs as cuda_graphs
 
-    captured, replayed = [], []
+    captured, replayed, pools = [], [], []
 
     class Recorded:
-        def __init__(self, run, layers, args, warmup):
+        def __init__(self, run, layers, args, warmup, pool):
             self.params = tuple(layers.parameters())
             captured.append(tuple(a.shape for a in args))
+            pools.append(pool)
 
     monkeypatch.setattr(cuda_graphs, "_StackGraph", Recorded)
+    handles = iter(range(10))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, next(handles)))
     monkeypatch.setattr(cuda_graphs._Replay, "apply", lambda graph, *a: replayed.append(graph) or a[0])
     layers = torch.nn.Linear(4, 4)
     eager = []
@@ -54,6 +64,7 @@ def test_a_shape_is_captured_on_its_second_sighting_and_replayed_after(monkeypat
     # a: eager, captured, replayed; b: eager, captured; c: eager every time (past max_shapes).
     assert captured == [(a.shape,), (b.shape,)] and len(replayed) == 3
     assert eager == [a.shape, b.shape, c.shape, c.shape, c.shape] and runner.eager_calls == 5
+    assert pools == [(0, 0), (0, 0)]  # one memory pool for all of a stack's shapes
     layers.weight = torch.nn.Parameter(layers.weight.detach().clone())  # a weight the graph never saw
     with pytest.raises(RuntimeError, match="other parameter tensors"):
         runner(a)
@@ -107,3 +118,42 @@ def test_graphed_layers_give_eager_losses_and_accumulated_gradients(preset, dtyp
         for m in (model, reference):
             m.zero_grad(set_to_none=True)
     assert [(len(r.graphs), r.eager_calls) for r in runners] == [(2, 2)] * 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_stacks_shapes_share_one_memory_pool():
+    """Four batch shapes of equal frames captured in turn: the graphs' memory grows by about one
+    shape's activations, not four (per-shape pools held the sum), and a replay after the others'
+    captures reused its pool still gives the eager loss."""
+    torch.manual_seed(0)
+    cfg = load_config("small_dense", NO_DROPOUT)
+    reference = U2Model(cfg.model).cuda().to(torch.bfloat16)
+    model = copy.deepcopy(reference)
+    runners = install(model, max_shapes=8)
+    vocab = cfg.model.vocab_size
+    batches = [_batch(b, 4000 // b, 20, vocab, b, torch.bfloat16) for b in (8, 10, 16, 5)]
+
+    def step(m, batch):
+        torch.manual_seed(1)  # the same dynamic chunk draw
+        loss = m(*batch)["loss"]
+        loss.backward()
+        m.zero_grad(set_to_none=True)
+        return float(loss)
+
+    def reserved():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the eager runs' cached blocks; live graphs keep their pools
+        return torch.cuda.memory_reserved()
+
+    for batch in batches:
+        step(model, batch)  # first sightings: eager
+    base = reserved()
+    step(model, batches[0])  # captured
+    one = reserved() - base
+    for batch in batches[1:]:
+        step(model, batch)
+    four = reserved() - base
+    assert [len(r.graphs) for r in runners] == [4] * 3
+    assert four < 1.6 * one, (one, four)
+    assert step(model, batches[0]) == pytest.approx(step(reference, batches[0]), rel=1e-2)

@@ -469,12 +469,12 @@ def test_host_threads_are_limited_on_a_gpu_only():
 
 def test_cuda_graphs_are_refused_at_start_up_where_they_cannot_run(corpus, tmp_path):
     """`u2moe train` checks train.cuda_graphs' conditions before building anything (here: no
-    CUDA device, ZeRO-2, dynamic batches) and names them all."""
-    cmd = train_command(corpus, tmp_path / "exp", nproc=1, ds_config="zero2_fp32",
+    CUDA device, autocast, dynamic batches) and names them all."""
+    cmd = train_command(corpus, tmp_path / "exp", nproc=1, ds_config="zero0_bf16",
                         extra=["train.cuda_graphs=true", "train.max_steps=1", "train.expert_parallel_size=1"])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
-    unmet = ["train.cuda_graphs needs", "stage 2", "data.batch.type: bucket (not dynamic)"]
+    unmet = ["train.cuda_graphs needs", "no autocast", "data.batch.type: bucket (not dynamic)"]
     for part in unmet + ([] if torch.cuda.is_available() else ["a CUDA device"]):
         assert part in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "exp" / "checkpoints").exists()
@@ -515,21 +515,25 @@ def test_compiled_layers_train_like_eager_ones(corpus, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("preset", ["tiny_dense", "tiny_moe"])
-def test_cuda_graphs_train_like_eager_layers(corpus, tmp_path, preset):
-    """train.cuda_graphs with bucket batches and the whole-model bf16 mode: the eager run's
-    losses (dropout off), step by step, through captures of new shapes along the way."""
+@pytest.mark.parametrize("preset,gpus,ds_config", [("tiny_dense", 1, "zero0_pure_bf16"), ("tiny_moe", 1, "zero0_pure_bf16"),
+                                                   ("tiny_moe", 2, "zero2_bf16")])
+def test_cuda_graphs_train_like_eager_layers(corpus, tmp_path, preset, gpus, ds_config):
+    """train.cuda_graphs with bucket batches, bf16 on one process (the trainer's whole-model mode)
+    and on two under ZeRO-2 (data parallel, every expert on each rank): the eager run's losses
+    (dropout off), step by step, through captures of new shapes along the way."""
+    if torch.cuda.device_count() < gpus:
+        pytest.skip(f"needs {gpus} GPU(s)")
     extra = [*NO_DROPOUT, "train.max_steps=8", "train.expert_parallel_size=1", "data.batch.type=bucket",
              "data.batch.bucket_frames=100"]
     losses = {}
     for graphs in (False, True):
         exp = tmp_path / f"graphs_{graphs}"
         log = tmp_path / f"graphs_{graphs}.log"
-        run(train_command(corpus, exp, nproc=1, ds_config="zero0_pure_bf16", preset=preset,
+        run(train_command(corpus, exp, nproc=gpus, ds_config=ds_config, preset=preset,
                           extra=[*extra, f"train.cuda_graphs={str(graphs).lower()}"]), timeout=600, log=log)
         losses[graphs] = train_losses(exp)
     assert sorted(losses[True]) == list(range(1, 9))
+    assert losses[True][8]["cuda_graph_shapes"] > 0  # replays, not only first sightings run eagerly
     for step in range(1, 9):
         assert losses[True][step]["loss"] == pytest.approx(losses[False][step]["loss"], rel=2e-2), step
 

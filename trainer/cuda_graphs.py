@@ -7,8 +7,14 @@ graph holds is fixed: tensor shapes and addresses, and no host reads. So the bat
 few fixed shapes (`data.batch.type: bucket`), the MoE layers route padded frames instead of
 removing them (`MoEFeedForward.route_padding`), and each stack keeps one graph pair per shape,
 captured the second time the shape comes (a few tenths of a second) and replayed after that.
-Everything else of the step (features, embeddings, masks, CTC and attention losses, optimizer)
+Everything else of the step (features, embeddings, masks, CTC and attention losses, optimizer,
+and ZeRO's gradient reduction, which runs from the parameters' gradient hooks after the replay)
 stays eager.
+
+A stack's graphs share one memory pool: its forward and backward for one shape run before its
+next forward of any shape, so one shape's activations may reuse another's, and the pool holds the
+largest shape's rather than the sum over all shapes. Stacks keep separate pools: the encoder's
+activations live while the decoders replay.
 
 The replay is one autograd node whose inputs are the stack's inputs and parameters: gradients
 reach the parameters (or the trainer's bf16 compute weights, which the graph was captured on)
@@ -33,7 +39,8 @@ RunLayers = Callable[..., torch.Tensor]
 class _StackGraph:
     """A layer stack's forward and backward, captured for one set of input shapes."""
 
-    def __init__(self, run: RunLayers, layers: nn.Module, args: Sequence[torch.Tensor], warmup: int):
+    def __init__(self, run: RunLayers, layers: nn.Module, args: Sequence[torch.Tensor], warmup: int,
+                 pool: tuple[int, int]):
         self.params = tuple(layers.parameters())
         self.inputs = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
         # Captured on fresh leaves that share the parameters' memory: the parameters themselves
@@ -52,7 +59,6 @@ class _StackGraph:
                     # stream, to the capture (autograd warns of the stream mismatch).
                     del out
             torch.cuda.synchronize()
-            pool = torch.cuda.graph_pool_handle()
             self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
             # thread_local: the data loader's pin-memory thread keeps calling CUDA meanwhile.
             with torch.cuda.graph(self.forward_graph, pool=pool, capture_error_mode="thread_local"):
@@ -116,6 +122,7 @@ class GraphedLayers:
         self.graphs: dict[tuple, _StackGraph] = {}
         self.seen: set[tuple] = set()
         self.eager_calls = 0
+        self.pool: tuple[int, int] | None = None  # made at the first capture: one per stack
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         key = tuple((a.shape, a.dtype, a.requires_grad) for a in args)
@@ -127,7 +134,9 @@ class GraphedLayers:
                 self.seen.add(key)
                 self.eager_calls += 1
                 return self.run(*args)
-            graph = self.graphs[key] = _StackGraph(self.run, self.layers, args, self.warmup)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = self.graphs[key] = _StackGraph(self.run, self.layers, args, self.warmup, self.pool)
         # Parameters as they are now: the graph read the ones it was captured with; were the
         # modules holding other tensors (an unswapped compute weight), it would silently use stale ones.
         params = tuple(self.layers.parameters())
@@ -157,17 +166,14 @@ def install(model: nn.Module, max_shapes: int) -> list[GraphedLayers]:
 
 def refuse_unsupported(cfg: Any, ds_cfg: dict[str, Any], ds_path: str | Path, info: Any) -> None:
     """Start-up check of what `train.cuda_graphs` needs: a ConfigError naming each unmet condition."""
-    from u2moe.trainer.ds_config import autocast_dtype, zero_stage
+    from u2moe.trainer.ds_config import autocast_dtype
 
     unmet = []
     if info.device.type != "cuda":
         unmet.append(f"a CUDA device (this process trains on {info.device.type})")
-    if info.world_size > 1:
-        unmet.append(f"one process (this run has {info.world_size})")
-    if zero_stage(ds_cfg) > 0:
-        unmet.append(f"no ZeRO ({ds_path}: stage {zero_stage(ds_cfg)})")
     if autocast_dtype(ds_cfg) is not None:
-        unmet.append(f"no autocast ({ds_path}; whole-model bf16 is ds_configs/zero0_pure_bf16.json)")
+        unmet.append(f"no autocast ({ds_path}; whole-model bf16 is ds_configs/zero0_pure_bf16.json on one "
+                     "process, zero1_bf16.json or zero2_bf16.json on several)")
     if cfg.data.batch.type != "bucket":
         unmet.append(f"fixed batch shapes, data.batch.type: bucket (not {cfg.data.batch.type})")
     if cfg.model.encoder.gradient_checkpointing or cfg.model.decoder.gradient_checkpointing:
@@ -175,6 +181,10 @@ def refuse_unsupported(cfg: Any, ds_cfg: dict[str, Any], ds_path: str | Path, in
     if cfg.train.compile:
         unmet.append("no train.compile")
     moe_ffns = [ffn for ffn in (cfg.model.encoder.ffn, cfg.model.decoder.ffn) if ffn.type == "moe"]
+    if moe_ffns and cfg.train.expert_parallel_size > 1:
+        # Data parallelism alone graphs fine: ZeRO reduces the gradients after the replay.
+        unmet.append(f"expert parallelism 1, not {cfg.train.expert_parallel_size} (the experts' all-to-all "
+                     "exchanges its split sizes through the host)")
     if moe_ffns and info.device.type == "cuda":
         from u2moe.model.moe.backends import GEMMS, backend_override, select_backend
         from u2moe.trainer.ds_config import precision
