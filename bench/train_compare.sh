@@ -52,7 +52,7 @@ train() {  # PRESET PORT
   # shellcheck disable=SC2086
   MASTER_PORT=$2 "${launcher[@]}" train ${MAX_MINUTES:+--max-minutes "$MAX_MINUTES"} ${TRAIN_ARGS:-} --config "$preset" --ds-config "$ds" --train-shards "$data/train/shards.list" \
     --dev-shards "$data/dev/shards.list" --units "$data/units" --cmvn "$data/cmvn.json" --exp-dir "$exp" \
-    --max-steps "$steps" --set model.vocab_size="$vocab" "${sets[@]}" 2>&1 | grep -v "INFO\] \[" |
+    --max-steps "$steps" --set model.vocab_size="$vocab" "${sets[@]}" 2>&1 | grep --line-buffered -v "INFO\] \[" |
     if [ ${#cards[@]} -gt 0 ]; then cat > "$exp.train.log"; else tee "$exp.train.log"; fi
   { echo "$preset train wall $(( $(date +%s) - start )) s"
     grep -h "audio_s/s" "$exp.train.log" | tail -n 3

@@ -12,14 +12,16 @@ and ZeRO's gradient reduction, which runs from the parameters' gradient hooks af
 stays eager.
 
 A stack's graphs share one memory pool: its forward and backward for one shape run before its
-next forward of any shape, so one shape's activations may reuse another's, and the pool holds the
-largest shape's rather than the sum over all shapes. Stacks keep separate pools: the encoder's
-activations live while the decoders replay.
+next forward of any shape, so a shape's activations may take the blocks another's left free, and
+the pool grows by less than a shape's activations per capture. Stacks keep separate pools: the
+encoder's activations live while the decoders replay.
 
 The replay is one autograd node whose inputs are the stack's inputs and parameters: gradients
 reach the parameters (or the trainer's bf16 compute weights, which the graph was captured on)
-as in eager mode, through autograd. Dropout draws new masks at every replay (CUDA graphs
-advance the generator's offset); batch norm statistics update in place.
+as in eager mode, through autograd. An eager run of a stack (a shape's first sighting) is one
+such node too (`_Eager`), so that gradients reach the parameters in the same order either way,
+which data parallelism under ZeRO needs (ranks see different shapes). Dropout draws new masks at
+every replay (CUDA graphs advance the generator's offset); batch norm statistics update in place.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ class _StackGraph:
         # Captured on fresh leaves that share the parameters' memory: the parameters themselves
         # may still have gradient accumulators from an eager step, made on another stream, and
         # a capture that reached them would make that stream wait on the capturing one (an error).
-        aliases = [p.detach().requires_grad_(p.requires_grad) for p in self.params]
+        aliases = _leaves(self.params)
         differentiable = [t for t in (*self.inputs, *aliases) if t.requires_grad]
         with _holding(layers, dict(zip(map(id, self.params), aliases))):
             # Warm-up runs, off the capture: cuDNN/cuBLAS choose their kernels, lazy state is made.
@@ -76,6 +78,11 @@ class _StackGraph:
     def load(self, args: Sequence[torch.Tensor]) -> None:
         for static, arg in zip(self.inputs, args):
             static.copy_(arg)
+
+
+def _leaves(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Fresh autograd leaves sharing the tensors' memory (gradients flow to them, not to the tensors)."""
+    return [t.detach().requires_grad_(t.requires_grad) for t in tensors]
 
 
 @contextmanager
@@ -112,6 +119,29 @@ class _Replay(torch.autograd.Function):
         return (None, *graph.grads)
 
 
+class _Eager(torch.autograd.Function):
+    """A stack's eager run as one autograd node with a replay's inputs, so that its parameters
+    receive their gradients in the replay's order. Under ZeRO that order decides which gradients
+    share a reduction bucket, and every rank must follow the same one: a rank that runs a shape
+    eagerly (its first sighting) while another replays would reduce mismatched buckets, or hang."""
+
+    @staticmethod
+    def forward(ctx, run: RunLayers, layers: nn.Module, num_inputs: int, *inputs_and_params: torch.Tensor):
+        params = inputs_and_params[num_inputs:]
+        leaves = _leaves(inputs_and_params)
+        with torch.enable_grad(), _holding(layers, dict(zip(map(id, params), leaves[num_inputs:]))):
+            ctx.output = run(*leaves[:num_inputs])
+        ctx.leaves = leaves
+        return ctx.output.detach()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        leaves = ctx.leaves
+        grads = iter(torch.autograd.grad(ctx.output, [t for t in leaves if t.requires_grad], grad, allow_unused=True))
+        del ctx.output, ctx.leaves
+        return (None, None, None, *(next(grads) if t.requires_grad else None for t in leaves))
+
+
 class GraphedLayers:
     """Stands in for a stack's `run_layers` in training (`layer_runner`): replays the graph of
     the inputs' shapes, captured when the shape comes the second time; runs eagerly the first
@@ -133,7 +163,9 @@ class GraphedLayers:
             if key not in self.seen or len(self.graphs) >= self.max_shapes or not torch.is_grad_enabled():
                 self.seen.add(key)
                 self.eager_calls += 1
-                return self.run(*args)
+                if not torch.is_grad_enabled():
+                    return self.run(*args)
+                return _Eager.apply(self.run, self.layers, len(args), *args, *self.layers.parameters())
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             graph = self.graphs[key] = _StackGraph(self.run, self.layers, args, self.warmup, self.pool)

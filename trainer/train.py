@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -219,13 +220,19 @@ class Trainer:
     def _client_state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "config": to_dict(self.cfg)}
 
+    def _last_grad_norm(self) -> float | None:
+        """The last optimizer step's gradient norm (the trainer's or ZeRO's), None before the first."""
+        norm = self.grad_norm if self.clipper is not None else self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else None
+
     def save(self) -> None:
         if self.last_saved_step == self.engine.global_steps:  # e.g. save_interval hit the last step
             return
-        if self.grad_norm is not None and not torch.isfinite(self.grad_norm):
-            # The trainer's clipping does not skip such steps (trainer/clipping.py): never
-            # overwrite good checkpoints with NaN weights.
-            raise RuntimeError(f"step {self.engine.global_steps}: gradient norm {float(self.grad_norm)}, training "
+        grad_norm = self._last_grad_norm()
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            # Neither the trainer's clipping (trainer/clipping.py) nor ZeRO's bf16 without its
+            # overflow check (ds_configs/) skips such steps: never overwrite good checkpoints with NaN weights.
+            raise RuntimeError(f"step {self.engine.global_steps}: gradient norm {grad_norm}, training "
                                f"diverged; not checkpointing. Resume from the last checkpoint in {self.ckpt_root} "
                                "with a lower optim.lr")
         self.last_saved_step = self.engine.global_steps
@@ -319,8 +326,8 @@ class Trainer:
     def _log(self, step: int, meter: ThroughputMeter, load_sum: torch.Tensor | None) -> None:
         stats = meter.report()
         stats["lr"] = self.scheduler.get_last_lr()[0]
-        grad_norm = self.grad_norm if self.clipper is not None else self.engine.get_global_grad_norm()
-        stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        grad_norm = self._last_grad_norm()
+        stats["grad_norm"] = grad_norm if grad_norm is not None else float("nan")
         stats["gpu_mem_gb"], stats["gpu_mem_reserved_gb"] = gpu_memory_gb(self.info.device)
         if load_sum is not None:
             if dist.is_initialized() and dist.get_world_size() > 1:
