@@ -43,17 +43,14 @@ def test_a_shape_is_captured_on_its_second_sighting_and_replayed_after(monkeypat
     """The runner's bookkeeping, without a GPU: captures and replays stand in as recordings."""
     import u2moe.trainer.cuda_graphs as cuda_graphs
 
-    captured, replayed, pools = [], [], []
+    captured, replayed = [], []
 
     class Recorded:
-        def __init__(self, run, layers, args, warmup, pool):
+        def __init__(self, run, layers, args, warmup):
             self.params = tuple(layers.parameters())
             captured.append(tuple(a.shape for a in args))
-            pools.append(pool)
 
     monkeypatch.setattr(cuda_graphs, "_StackGraph", Recorded)
-    handles = iter(range(10))
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, next(handles)))
     monkeypatch.setattr(cuda_graphs._Replay, "apply", lambda graph, *a: replayed.append(graph) or a[0])
     layers = torch.nn.Linear(4, 4)
     eager = []
@@ -64,7 +61,6 @@ def test_a_shape_is_captured_on_its_second_sighting_and_replayed_after(monkeypat
     # a: eager, captured, replayed; b: eager, captured; c: eager every time (past max_shapes).
     assert captured == [(a.shape,), (b.shape,)] and len(replayed) == 3
     assert eager == [a.shape, b.shape, c.shape, c.shape, c.shape] and runner.eager_calls == 5
-    assert pools == [(0, 0), (0, 0)]  # one memory pool for all of a stack's shapes
     layers.weight = torch.nn.Parameter(layers.weight.detach().clone())  # a weight the graph never saw
     with pytest.raises(RuntimeError, match="other parameter tensors"):
         runner(a)
@@ -118,50 +114,6 @@ def test_graphed_layers_give_eager_losses_and_accumulated_gradients(preset, dtyp
         for m in (model, reference):
             m.zero_grad(set_to_none=True)
     assert [(len(r.graphs), r.eager_calls) for r in runners] == [(2, 2)] * 3
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_a_stacks_shapes_share_one_memory_pool():
-    """Four batch shapes of equal frames captured in turn: the graphs' memory grows less than with
-    a pool per captured shape (the runners' pools reset before each capture), and a replay after
-    the other shapes' captures took blocks from its pool still gives the eager loss."""
-    torch.manual_seed(0)
-    cfg = load_config("small_dense", NO_DROPOUT)
-    reference = U2Model(cfg.model).cuda().to(torch.bfloat16)
-    vocab = cfg.model.vocab_size
-    batches = [_batch(b, 4000 // b, 20, vocab, b, torch.bfloat16) for b in (8, 10, 16, 5)]
-
-    def step(m, batch):
-        torch.manual_seed(1)  # the same dynamic chunk draw
-        loss = m(*batch)["loss"]
-        loss.backward()
-        m.zero_grad(set_to_none=True)
-        return loss.item()
-
-    def reserved():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()  # the eager runs' cached blocks; live graphs keep their pools
-        return torch.cuda.memory_reserved()
-
-    growth = {}
-    for shared in (True, False):
-        model = copy.deepcopy(reference)
-        runners = install(model, max_shapes=8)
-        for batch in batches:
-            step(model, batch)  # first sightings: eager
-        base = reserved()
-        for batch in batches:
-            if not shared:
-                for r in runners:
-                    r.pool = None
-            step(model, batch)  # captured
-        assert [len(r.graphs) for r in runners] == [4] * 3
-        growth[shared] = reserved() - base
-        if shared:
-            assert step(model, batches[0]) == pytest.approx(step(reference, batches[0]), rel=1e-2)
-        del model, runners
-    assert growth[True] < 0.8 * growth[False], growth
 
 
 def test_an_eager_stack_hands_gradients_to_its_parameters_as_a_replay_does():

@@ -56,10 +56,11 @@ class TrainConfig:
     # offloading to the host (whose optimizer step runs there), keep torch's default.
     host_threads: int = 1
     # CUDA graphs of the encoder's and decoders' layers, one per batch shape (trainer/cuda_graphs.py):
-    # a host-bound step replays each stack's forward and backward in one launch. One GPU process
-    # without ZeRO, bf16 by ds_configs/zero0_pure_bf16.json (no autocast) or fp32, and fixed batch
-    # shapes (data.batch.type: bucket). Each stack captures at most cuda_graph_shapes shapes (GPU
-    # memory: one set of activations per shape) and runs any further shape eagerly.
+    # a host-bound step replays each stack's forward and backward in one launch. GPUs without
+    # autocast (bf16 by ds_configs/zero0_pure_bf16.json on one, zero1/2_bf16.json on several; or
+    # fp32), no expert parallelism, and fixed batch shapes (data.batch.type: bucket). Each stack
+    # captures at most cuda_graph_shapes shapes (GPU memory: one set of activations per shape) and
+    # runs any further shape eagerly.
     cuda_graphs: bool = False
     cuda_graph_shapes: int = 64
 

@@ -11,11 +11,6 @@ Everything else of the step (features, embeddings, masks, CTC and attention loss
 and ZeRO's gradient reduction, which runs from the parameters' gradient hooks after the replay)
 stays eager.
 
-A stack's graphs share one memory pool: its forward and backward for one shape run before its
-next forward of any shape, so a shape's activations may take the blocks another's left free, and
-the pool grows by less than a shape's activations per capture. Stacks keep separate pools: the
-encoder's activations live while the decoders replay.
-
 The replay is one autograd node whose inputs are the stack's inputs and parameters: gradients
 reach the parameters (or the trainer's bf16 compute weights, which the graph was captured on)
 as in eager mode, through autograd. An eager run of a stack (a shape's first sighting) is one
@@ -41,8 +36,7 @@ RunLayers = Callable[..., torch.Tensor]
 class _StackGraph:
     """A layer stack's forward and backward, captured for one set of input shapes."""
 
-    def __init__(self, run: RunLayers, layers: nn.Module, args: Sequence[torch.Tensor], warmup: int,
-                 pool: tuple[int, int]):
+    def __init__(self, run: RunLayers, layers: nn.Module, args: Sequence[torch.Tensor], warmup: int):
         self.params = tuple(layers.parameters())
         self.inputs = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
         # Captured on fresh leaves that share the parameters' memory: the parameters themselves
@@ -61,6 +55,7 @@ class _StackGraph:
                     # stream, to the capture (autograd warns of the stream mismatch).
                     del out
             torch.cuda.synchronize()
+            pool = torch.cuda.graph_pool_handle()
             self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
             # thread_local: the data loader's pin-memory thread keeps calling CUDA meanwhile.
             with torch.cuda.graph(self.forward_graph, pool=pool, capture_error_mode="thread_local"):
@@ -152,7 +147,6 @@ class GraphedLayers:
         self.graphs: dict[tuple, _StackGraph] = {}
         self.seen: set[tuple] = set()
         self.eager_calls = 0
-        self.pool: tuple[int, int] | None = None  # made at the first capture: one per stack
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         key = tuple((a.shape, a.dtype, a.requires_grad) for a in args)
@@ -166,9 +160,7 @@ class GraphedLayers:
                 if not torch.is_grad_enabled():
                     return self.run(*args)
                 return _Eager.apply(self.run, self.layers, len(args), *args, *self.layers.parameters())
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            graph = self.graphs[key] = _StackGraph(self.run, self.layers, args, self.warmup, self.pool)
+            graph = self.graphs[key] = _StackGraph(self.run, self.layers, args, self.warmup)
         # Parameters as they are now: the graph read the ones it was captured with; were the
         # modules holding other tensors (an unswapped compute weight), it would silently use stale ones.
         params = tuple(self.layers.parameters())

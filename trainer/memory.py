@@ -20,8 +20,6 @@ one-utterance batches. That and an utterance's share (what two keep beyond one) 
 over three lengths as a + b T + c T^2 (attention is quadratic in T); a batch of F frames of
 utterances of T frames holds F / T utterances and one batch's share. CPU attention keeps its softmax
 probabilities, which GPU kernels recompute, so the quadratic term is an upper bound on a GPU's.
-With CUDA graphs (`train.cuda_graphs`) activations count twice: the layer stacks' graph pools
-keep the largest captured shape's, while a shape's eager first sighting needs its own beside them.
 """
 from __future__ import annotations
 
@@ -144,7 +142,7 @@ def fit_activations(cfg: ModelConfig, lengths: tuple[int, int, int] = (300, 600,
 
 
 def plan(config: str, gpus: int, ep: int, zero: int, gpu_gb: float, utt_seconds: float,
-         checkpointing: bool, reserve_gb: float, cuda_graphs: bool = False) -> dict[str, Any]:
+         checkpointing: bool, reserve_gb: float) -> dict[str, Any]:
     from u2moe.config import load_config
 
     cfg = load_config(config, []).model
@@ -152,17 +150,16 @@ def plan(config: str, gpus: int, ep: int, zero: int, gpu_gb: float, utt_seconds:
     states = model_states(counts["total"] - counts["experts"], counts["experts"], gpus, ep, zero)
     fit = fit_activations(cfg, checkpointing=checkpointing)
     utt = int(utt_seconds * 100)
-    copies = 2 if cuda_graphs else 1
-    per_frame = copies * fit.utterance_bytes(utt) / utt
-    room = gpu_gb * GiB - states.total - reserve_gb * GiB - copies * fit.step_bytes(utt)
+    per_frame = fit.utterance_bytes(utt) / utt
+    room = gpu_gb * GiB - states.total - reserve_gb * GiB - fit.step_bytes(utt)
     fits = max(0, math.floor(room / per_frame / 1000) * 1000) if room > 0 else 0
     return {"config": config, "gpus": gpus, "ep": ep, "zero": zero, "gpu_gb": gpu_gb,
             "parameters": counts["total"], "expert_parameters": counts["experts"],
             "model_states_gb": {k: v / GiB for k, v in asdict(states).items()} | {"total": states.total / GiB},
             "activation_fit_bytes": {"per_step": fit.per_step, "per_utterance": fit.per_utterance},
             "utterance_frames": utt, "activation_per_step_mb": fit.step_bytes(utt) / 2**20,
-            "activation_mb_per_batch_frame": per_frame / 2**20, "activation_copies": copies,
-            "gradient_checkpointing": checkpointing, "cuda_graphs": cuda_graphs, "reserve_gb": reserve_gb,
+            "activation_mb_per_batch_frame": per_frame / 2**20,
+            "gradient_checkpointing": checkpointing, "reserve_gb": reserve_gb,
             "max_batch_frames": fits}
 
 
@@ -176,7 +173,6 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-gb", type=float, default=24.0)
     p.add_argument("--utt-seconds", type=float, default=15.0, help="utterance length the batch is made of")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--cuda-graphs", action="store_true", help="train.cuda_graphs: activations held twice")
     p.add_argument("--reserve-gb", type=float, default=2.0,
                    help="CUDA context, allocator fragmentation, communication buffers")
     p.add_argument("--json", default=None)
@@ -185,7 +181,7 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
 
 def _handler(args: argparse.Namespace) -> int:
     result = plan(args.config, args.gpus, args.ep, args.zero, args.gpu_gb, args.utt_seconds,
-                  args.gradient_checkpointing, args.reserve_gb, args.cuda_graphs)
+                  args.gradient_checkpointing, args.reserve_gb)
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w") as f:
