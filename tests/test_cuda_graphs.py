@@ -147,3 +147,6 @@ def test_an_eager_stack_hands_gradients_to_its_parameters_as_a_replay_does():
                             grad_output=torch.empty_like(out), grads=(plain[0], None, None, *plain[1:]))
     cuda_graphs._Replay.apply(graph, x, mask, scale, *params).square().sum().backward()
     assert order == eager_order and sorted(order) == sorted(names.values())
+    order[:] = []
+    run(x, mask, scale).square().sum().backward()  # a plain run: last layer first
+    assert order != eager_order
