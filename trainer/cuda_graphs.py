@@ -43,14 +43,14 @@ class _StackGraph:
         # may still have gradient accumulators from an eager step, made on another stream, and
         # a capture that reached them would make that stream wait on the capturing one (an error).
         aliases = _leaves(self.params)
-        differentiable = [t for t in (*self.inputs, *aliases) if t.requires_grad]
+        leaves = (*self.inputs, *aliases)
         with _holding(layers, dict(zip(map(id, self.params), aliases))):
             # Warm-up runs, off the capture: cuDNN/cuBLAS choose their kernels, lazy state is made.
             torch.cuda.synchronize()
             with torch.cuda.stream(torch.cuda.Stream()):
                 for _ in range(warmup):
                     out = run(*self.inputs)
-                    torch.autograd.grad(out, differentiable, torch.ones_like(out), allow_unused=True)
+                    _leaf_grads(out, leaves, torch.ones_like(out))
                     # Kept, its graph would hand the aliases' accumulators, made on this side
                     # stream, to the capture (autograd warns of the stream mismatch).
                     del out
@@ -62,13 +62,10 @@ class _StackGraph:
                 output = run(*self.inputs)
             self.grad_output = torch.empty_like(output)
             with torch.cuda.graph(self.backward_graph, pool=pool, capture_error_mode="thread_local"):
-                grads = torch.autograd.grad(output, differentiable, self.grad_output, allow_unused=True)
+                self.grads = _leaf_grads(output, leaves, self.grad_output)
         # The captured autograd graph is not needed after its capture: the replays reuse its
         # memory, which stays the graphs' own (their private pool).
         self.output = output.detach()
-        grads = iter(grads)
-        # One gradient slot per input and parameter, None where none flows.
-        self.grads = tuple(next(grads) if t.requires_grad else None for t in (*self.inputs, *aliases))
 
     def load(self, args: Sequence[torch.Tensor]) -> None:
         for static, arg in zip(self.inputs, args):
@@ -78,6 +75,14 @@ class _StackGraph:
 def _leaves(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Fresh autograd leaves sharing the tensors' memory (gradients flow to them, not to the tensors)."""
     return [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+
+
+def _leaf_grads(output: torch.Tensor, leaves: Sequence[torch.Tensor],
+                grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """The gradient of each leaf (an input or parameter), None where it takes none or none flows:
+    the slots the replay and eager nodes return."""
+    grads = iter(torch.autograd.grad(output, [t for t in leaves if t.requires_grad], grad_output, allow_unused=True))
+    return tuple(next(grads) if t.requires_grad else None for t in leaves)
 
 
 @contextmanager
@@ -131,10 +136,9 @@ class _Eager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        leaves = ctx.leaves
-        grads = iter(torch.autograd.grad(ctx.output, [t for t in leaves if t.requires_grad], grad, allow_unused=True))
+        grads = _leaf_grads(ctx.output, ctx.leaves, grad)
         del ctx.output, ctx.leaves
-        return (None, None, None, *(next(grads) if t.requires_grad else None for t in leaves))
+        return (None, None, None, *grads)
 
 
 class GraphedLayers:
