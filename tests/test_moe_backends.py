@@ -39,8 +39,8 @@ def run_backend(moe: MoEFeedForward, backend: str, x: torch.Tensor, valid, grad_
 
 
 def compare_backends(backend: str, num_experts: int, top_k: int, padded: bool,
-                     device: str, dtype: torch.dtype, rtol: float, atol: float) -> None:
-    moe = make_layer(num_experts, top_k).to(device, dtype)
+                     device: str, dtype: torch.dtype, rtol: float, atol: float, hidden: int = 24) -> None:
+    moe = make_layer(num_experts, top_k, hidden=hidden).to(device, dtype)
     x = torch.randn(3, 21, 16, device=device, dtype=dtype)
     valid = None
     if padded:
@@ -60,8 +60,11 @@ def compare_backends(backend: str, num_experts: int, top_k: int, padded: bool,
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("num_experts,top_k", CASES)
 @pytest.mark.parametrize("padded", [False, True])
-def test_backend_matches_reference_on_cpu(backend, num_experts, top_k, padded):
-    compare_backends(backend, num_experts, top_k, padded, "cpu", torch.float32, 1e-5, 1e-5)
+# 24 and 64 hidden units at dim 16: grouped_mm multiplies both layers' biases in, or the
+# second layer's (K = 64 >= 2 N) by a gather.
+@pytest.mark.parametrize("hidden", [24, 64])
+def test_backend_matches_reference_on_cpu(backend, num_experts, top_k, padded, hidden):
+    compare_backends(backend, num_experts, top_k, padded, "cpu", torch.float32, 1e-5, 1e-5, hidden)
 
 
 def test_empty_expert_groups_and_no_frames():

@@ -96,10 +96,25 @@ class ReferenceGemm(GroupedGemm):
 
 
 class GroupedMMGemm(GroupedGemm):
-    """CUTLASS grouped GEMM (`torch._grouped_mm`); the bias is added by one gather."""
+    """CUTLASS grouped GEMM (`torch._grouped_mm`); the bias multiplied in as an extra row of the
+    weights, or added by one gather."""
+
+    # Width of the ones block appended to x to multiply the bias in: _grouped_mm wants 16-byte
+    # aligned row strides, 8 bf16 elements.
+    BIAS_COLUMNS = 8
 
     @staticmethod
     def linear(x, w, b, groups):
+        rows, k = x.shape
+        if k < 2 * w.size(2):
+            # Widening x by 8 columns of ones (one pass over [M, K]) and w by the bias and 7
+            # zero rows costs less than gathering a bias row per output row and adding it
+            # (three passes over [M, N]) where N > K / 2: the experts' first layer (K = d, N = 4d).
+            wide = x.new_empty(rows, k + GroupedMMGemm.BIAS_COLUMNS)
+            wide[:, :k] = x
+            wide[:, k:] = 1
+            pad = b.new_zeros(1, 1, 1).expand(w.size(0), GroupedMMGemm.BIAS_COLUMNS - 1, w.size(2))
+            return torch._grouped_mm(wide, torch.cat([w, b.unsqueeze(1), pad], dim=1), offs=groups.offsets)
         y = torch._grouped_mm(x, w, offs=groups.offsets)
         return y.add_(b.index_select(0, groups.row_expert))
 
