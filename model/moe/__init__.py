@@ -1,7 +1,8 @@
 """Mixture-of-Experts feed-forward, split as in Megatron-Core: router -> token dispatcher -> experts.
 
 - `router.TopKRouter`: bias-free linear gate, top-k of the logits, softmax over the selected ones (fp32).
-- `dispatcher.SortedTokenDispatcher`: groups routed frames by expert and combines the results.
+- `dispatcher.SortedTokenDispatcher`: groups routed frames by expert and combines the results
+  (on CUDA its gathers and weighted sums are the single-pass kernels of `triton_permute`).
 - `all_to_all_dispatcher.AllToAllTokenDispatcher`: the same across expert-parallel ranks.
 - `experts.GroupedExperts`: all experts' weights as stacked tensors, run over contiguous groups
   by one of the `backends` (per-expert loop, `torch._grouped_mm`, `triton_grouped_gemm`).

@@ -19,6 +19,8 @@ from typing import Literal
 
 import torch
 
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
 Backend = Literal["reference", "grouped_mm", "triton"]
 # "export" is not a grouped linear layer: it makes `MoEFeedForward` take its exporters' inference
 # path (GroupedExperts.forward_sparse), the one TorchScript and ONNX export.
@@ -178,6 +180,6 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype,
     # _grouped_mm needs 16-byte aligned row strides: multiples of 8 bf16 elements.
     if major >= 9 and dtype == torch.bfloat16 and all(d % 8 == 0 for d in dims):
         return "grouped_mm"
-    if major >= 8 and importlib.util.find_spec("triton") is not None:
+    if major >= 8 and HAS_TRITON:
         return "triton"
     return "reference"

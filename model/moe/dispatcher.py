@@ -5,55 +5,88 @@ from dataclasses import dataclass
 
 import torch
 
-from u2moe.model.moe.backends import ExpertGroups
+from u2moe.model.moe.backends import HAS_TRITON, ExpertGroups
 from u2moe.model.moe.router import Routing
 
 
-class _Permute(torch.autograd.Function):
-    """rows = x[order // k]: each (frame, slot) pair's frame, in expert order. The backward
-    puts the rows back in pair order and sums each frame's k rows (no atomics)."""
+class TorchPermuteOps:
+    """The dispatcher's gathers and weighted sums in PyTorch: the CPU path, and the reference of
+    the single-pass Triton kernels (`triton_permute.TritonPermuteOps`) used on CUDA."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tensor:
-        ctx.save_for_backward(order)
-        ctx.top_k = top_k
-        return x.index_select(0, torch.div(order, top_k, rounding_mode="floor"))
+    def gather_sum(src: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """src [R, d], rows [N, k] (rows of src), weights [N, k] or None (all ones) -> [N, d]:
+        out[n] = sum over slots j of weights[n, j] * src[rows[n, j]], in slot order."""
+        pairs = src.index_select(0, rows.reshape(-1)).view(*rows.shape, src.size(1))
+        if weights is not None:
+            pairs = pairs * weights.to(src.dtype).unsqueeze(2)
+        return pairs.sum(dim=1)
+
+    @staticmethod
+    def scale_rows(src: torch.Tensor, frames: torch.Tensor, weights: torch.Tensor,
+                   y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """src [N, d], frames / weights [R] -> (out [R, d] = weights * src[frames], and with y
+        [R, d] the fp32 dot products <y[r], src[frames[r]]>)."""
+        g = src.index_select(0, frames)
+        dot = None if y is None else (y * g).sum(dim=1).float()
+        return g * weights.to(src.dtype).unsqueeze(1), dot
+
+
+def permute_ops(x: torch.Tensor) -> type:
+    """Triton's single-pass kernels on CUDA where Triton is installed, PyTorch's ops otherwise."""
+    if x.is_cuda and HAS_TRITON:
+        from u2moe.model.moe.triton_permute import TritonPermuteOps
+
+        return TritonPermuteOps
+    return TorchPermuteOps
+
+
+class _Permute(torch.autograd.Function):
+    """rows = x[row_frame]: each (frame, slot) pair's frame, in expert order. The backward sums
+    each frame's k rows, gathered through `pair_rows` (no atomics)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        ctx.save_for_backward(state.pair_rows)
+        ctx.ops = state.ops
+        return x.index_select(0, state.row_frame)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (order,) = ctx.saved_tensors
-        pairs = grad.new_empty(grad.shape).index_copy_(0, order, grad)
-        return pairs.view(-1, ctx.top_k, grad.size(1)).sum(dim=1), None, None
+        (pair_rows,) = ctx.saved_tensors
+        return ctx.ops.gather_sum(grad, pair_rows, None), None
 
 
 class _Unpermute(torch.autograd.Function):
     """out[n] = sum over slots j of weights[n, j] * y[row of pair (n, j)], in slot order."""
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        num_tokens, top_k = weights.shape
-        pairs = y.new_empty(y.shape).index_copy_(0, order, y).view(num_tokens, top_k, y.size(1))
-        w = weights.to(y.dtype)
-        ctx.save_for_backward(pairs, w, order)
-        ctx.weights_dtype = weights.dtype
-        return (pairs * w.unsqueeze(2)).sum(dim=1)
+    def forward(ctx, y: torch.Tensor, weights: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        ctx.save_for_backward(y, weights, state.order, state.row_frame)
+        ctx.ops = state.ops
+        return state.ops.gather_sum(y, state.pair_rows, weights)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        pairs, w, order = ctx.saved_tensors
-        grad = grad.to(pairs.dtype)
+        y, weights, order, row_frame = ctx.saved_tensors
+        row_weights = weights.reshape(-1).index_select(0, order)
+        grad_y, dot = ctx.ops.scale_rows(grad.to(y.dtype), row_frame, row_weights,
+                                         y if ctx.needs_input_grad[1] else None)
         grad_weights = None
-        if ctx.needs_input_grad[2]:
-            grad_weights = (pairs * grad.unsqueeze(1)).sum(dim=2).to(ctx.weights_dtype)
-        grad_y = (grad.unsqueeze(1) * w.unsqueeze(2)).view(-1, grad.size(1)).index_select(0, order)
-        return grad_y, None, grad_weights
+        if dot is not None:
+            grad_weights = dot.new_empty(dot.shape).index_copy_(0, order, dot).view_as(weights)
+            grad_weights = grad_weights.to(weights.dtype)
+        return grad_y, grad_weights, None
 
 
 @dataclass
 class DispatchState:
     order: torch.Tensor  # [N*k] (frame, slot) pair of each row of the permuted batch, as frame*k+slot
+    row_frame: torch.Tensor  # [N*k] frame of each row: order // k
+    pair_rows: torch.Tensor  # [N, k] row of each (frame, slot) pair: the inverse of order
     weights: torch.Tensor  # [N, k] router weights
     groups: ExpertGroups  # the permuted rows' groups, over all E (global) experts
+    ops: type  # TorchPermuteOps or triton_permute.TritonPermuteOps
 
 
 class SortedTokenDispatcher:
@@ -61,8 +94,8 @@ class SortedTokenDispatcher:
 
     Every routed pair is kept (no capacity factor), so the experts see exactly the frames the
     router chose; `ExpertGroups` tells the experts where each group starts. Both directions are
-    gathers/scatters through one permutation, each one autograd node: no atomics, and the sum
-    over the k experts of a frame is an ordinary reduction, so results do not depend on thread
+    gathers through one permutation and its inverse, each one autograd node: no atomics, and the
+    sum over the k experts of a frame is an ordinary reduction, so results do not depend on thread
     scheduling.
     """
 
@@ -71,10 +104,16 @@ class SortedTokenDispatcher:
 
     def dispatch(self, x: torch.Tensor, routing: Routing
                  ) -> tuple[torch.Tensor, ExpertGroups, DispatchState]:
-        sorted_ids, order = torch.sort(routing.expert_ids.reshape(-1), stable=True)
-        groups = ExpertGroups.from_sorted(sorted_ids, self.num_experts)
-        state = DispatchState(order, routing.weights, groups)
-        return _Permute.apply(x, order, routing.expert_ids.size(1)), groups, state
+        ids = routing.expert_ids
+        # One-byte keys: CUDA's radix sort makes a pass per key byte, 8 for int64 ids.
+        key_dtype = torch.uint8 if self.num_experts <= 256 else torch.int32
+        sorted_ids, order = torch.sort(ids.reshape(-1).to(key_dtype), stable=True)
+        groups = ExpertGroups.from_sorted(sorted_ids.long(), self.num_experts)
+        pair_rows = torch.empty_like(order).index_copy_(
+            0, order, torch.arange(order.numel(), device=order.device)).view(ids.shape)
+        state = DispatchState(order, torch.div(order, ids.size(1), rounding_mode="floor"), pair_rows,
+                              routing.weights, groups, permute_ops(x))
+        return _Permute.apply(x, state), groups, state
 
     def combine(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        return _Unpermute.apply(y, state.order, state.weights)
+        return _Unpermute.apply(y, state.weights, state)

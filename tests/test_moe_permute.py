@@ -1,0 +1,104 @@
+"""The token dispatcher's gathers and weighted sums: the PyTorch ops and Triton's single-pass
+kernels (compiled on a GPU, in Triton's interpreter on CPU; tests/conftest.py) against a direct
+loop over rows, and the whole MoE layer run with either."""
+import os
+
+import pytest
+import torch
+
+from u2moe.model.config import FeedForwardConfig
+from u2moe.model.moe import MoEFeedForward, dispatcher
+from u2moe.model.moe.dispatcher import TorchPermuteOps
+
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def triton_ops():
+    from u2moe.model.moe.triton_permute import TritonPermuteOps
+
+    return TritonPermuteOps
+
+
+CPU_OPS = [pytest.param(lambda: TorchPermuteOps, id="torch"),
+           pytest.param(triton_ops, id="triton", marks=pytest.mark.skipif(
+               not TRITON_INTERPRETED, reason="Triton on CPU tensors needs its interpreter"))]
+
+
+def loop_gather_sum(src, rows, weights):
+    out = torch.zeros(rows.size(0), src.size(1), dtype=torch.float64)
+    for n in range(rows.size(0)):
+        for j in range(rows.size(1)):
+            out[n] += (1.0 if weights is None else float(weights[n, j])) * src[rows[n, j]].double()
+    return out
+
+
+@pytest.mark.parametrize("make_ops", CPU_OPS)
+@pytest.mark.parametrize("dim", [24, 40, 1100])  # 1100: more than one 1024-column block a row
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_gather_sum_and_scale_rows_match_a_loop_over_rows(make_ops, dim, top_k, weighted):
+    ops = make_ops()
+    torch.manual_seed(dim + top_k)
+    frames = 7
+    rows = torch.randperm(frames * top_k).view(frames, top_k)
+    src = torch.randn(frames * top_k, dim)
+    weights = torch.rand(frames, top_k) if weighted else None
+    got = ops.gather_sum(src, rows, weights)
+    torch.testing.assert_close(got.double(), loop_gather_sum(src, rows, weights), rtol=1e-5, atol=1e-5)
+
+    grad = torch.randn(frames, dim)
+    row_frames = torch.randint(0, frames, (frames * top_k,))
+    row_weights = torch.rand(frames * top_k)
+    y = torch.randn(frames * top_k, dim)
+    out, dot = ops.scale_rows(grad, row_frames, row_weights, y if weighted else None)
+    for r in range(frames * top_k):
+        g = grad[row_frames[r]].double()
+        torch.testing.assert_close(out[r].double(), row_weights[r].double() * g, rtol=1e-5, atol=1e-5)
+        if weighted:
+            torch.testing.assert_close(dot[r].double(), (y[r].double() * g).sum(), rtol=1e-5, atol=1e-4)
+    assert dot is None or dot.dtype == torch.float32
+
+
+@pytest.mark.parametrize("make_ops", CPU_OPS)
+def test_no_rows(make_ops):
+    ops = make_ops()
+    src = torch.randn(0, 16)
+    assert ops.gather_sum(src, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2)).shape == (0, 16)
+    out, dot = ops.scale_rows(src, torch.zeros(0, dtype=torch.long), torch.zeros(0), src)
+    assert out.shape == (0, 16) and dot.shape == (0,)
+
+
+def layer_outputs(ops, device, dtype, num_experts, top_k, dim, frames, monkeypatch):
+    """The layer's output and every gradient with the dispatcher's ops forced to `ops`."""
+    monkeypatch.setattr(dispatcher, "permute_ops", lambda x: ops)
+    torch.manual_seed(0)
+    cfg = FeedForwardConfig(type="moe", hidden_units=2 * dim, dropout_rate=0.0,
+                            num_experts=num_experts, top_k=top_k)
+    moe = MoEFeedForward(dim, cfg).to(device, dtype)
+    x = torch.randn(3, frames, dim, device=device, dtype=dtype, requires_grad=True)
+    valid = torch.arange(frames, device=device)[None] < torch.tensor(
+        [[frames], [frames // 2], [1]], device=device)
+    y = moe(x, valid)
+    y.backward(torch.randn_like(y))
+    return [y, x.grad, *(p.grad for p in moe.parameters())]
+
+
+@pytest.mark.skipif(not TRITON_INTERPRETED, reason="Triton on CPU tensors needs its interpreter")
+@pytest.mark.parametrize("num_experts,top_k", [(4, 1), (8, 2)])
+def test_layer_with_triton_permute_equals_torch_permute_on_cpu(num_experts, top_k, monkeypatch):
+    ref = layer_outputs(TorchPermuteOps, "cpu", torch.float32, num_experts, top_k, 16, 21, monkeypatch)
+    got = layer_outputs(triton_ops(), "cpu", torch.float32, num_experts, top_k, 16, 21, monkeypatch)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("num_experts,top_k", [(4, 1), (8, 2)])
+def test_gpu_layer_with_triton_permute_equals_torch_permute_bf16(num_experts, top_k, monkeypatch):
+    ref = layer_outputs(TorchPermuteOps, "cuda", torch.bfloat16, num_experts, top_k, 256, 300, monkeypatch)
+    got = layer_outputs(triton_ops(), "cuda", torch.bfloat16, num_experts, top_k, 256, 300, monkeypatch)
+    for g, r in zip(got, ref):
+        scale = r.float().abs().max().clamp_min(1e-6)
+        assert ((g.float() - r.float()).abs().max() / scale) < 2e-2
