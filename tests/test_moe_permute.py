@@ -1,17 +1,13 @@
 """The token dispatcher's gathers and weighted sums: the PyTorch ops and Triton's single-pass
 kernels (compiled on a GPU, in Triton's interpreter on CPU; tests/conftest.py) against a direct
 loop over rows, and the whole MoE layer run with either."""
-import os
-
 import pytest
 import torch
+from test_moe_backends import gpu, needs_triton_interpreter
 
 from u2moe.model.config import FeedForwardConfig
 from u2moe.model.moe import MoEFeedForward, dispatcher
 from u2moe.model.moe.dispatcher import TorchPermuteOps
-
-TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def triton_ops():
@@ -21,8 +17,7 @@ def triton_ops():
 
 
 CPU_OPS = [pytest.param(lambda: TorchPermuteOps, id="torch"),
-           pytest.param(triton_ops, id="triton", marks=pytest.mark.skipif(
-               not TRITON_INTERPRETED, reason="Triton on CPU tensors needs its interpreter"))]
+           pytest.param(triton_ops, id="triton", marks=needs_triton_interpreter)]
 
 
 def loop_gather_sum(src, rows, weights):
@@ -84,7 +79,7 @@ def layer_outputs(ops, device, dtype, num_experts, top_k, dim, frames, monkeypat
     return [y, x.grad, *(p.grad for p in moe.parameters())]
 
 
-@pytest.mark.skipif(not TRITON_INTERPRETED, reason="Triton on CPU tensors needs its interpreter")
+@needs_triton_interpreter
 @pytest.mark.parametrize("num_experts,top_k", [(4, 1), (8, 2)])
 def test_layer_with_triton_permute_equals_torch_permute_on_cpu(num_experts, top_k, monkeypatch):
     ref = layer_outputs(TorchPermuteOps, "cpu", torch.float32, num_experts, top_k, 16, 21, monkeypatch)

@@ -1,6 +1,6 @@
 """The token dispatcher's row gathers and weighted sums as single-pass Triton kernels (CUDA).
 
-`permute_ops.TorchPermuteOps` spells each out in PyTorch: a gather into a [pairs, d] copy, a
+`dispatcher.TorchPermuteOps` spells each out in PyTorch: a gather into a [pairs, d] copy, a
 broadcast multiply and a reduction, three passes over the rows and one more copy. Here each is one
 pass: a program per output row reads its source rows once and accumulates in fp32. Same values
 up to rounding (the PyTorch path multiplies in the rows' dtype).
