@@ -179,23 +179,32 @@ def bench_moe(args: argparse.Namespace) -> dict:
 
 
 def _profile(args: argparse.Namespace) -> None:
-    """Where our layer's time goes, kernel by kernel, at the first shape (for misses)."""
+    """Where our layer's time goes, kernel by kernel, at the first shape (for misses); with
+    --cuda-graphs also of the replayed steps, ours and the dense FFN's (the graphed ideal's)."""
     frames, dim, hidden = SHAPES[0]
     cfg = FeedForwardConfig(type="moe", hidden_units=hidden, dropout_rate=0.0,
                             num_experts=args.experts, top_k=args.top_k)
     moe = MoEFeedForward(dim, cfg).to("cuda", torch.bfloat16)
+    dense = PositionwiseFeedForward(dim, hidden, "swish", 0.0).to("cuda", torch.bfloat16)
     x, valid = _batch(frames, dim, 0.0, torch.device("cuda"))
-    for backend in args.backends:
-        moe.experts.backend = backend
-        step = _train_step(moe, x, lambda t: moe(t, valid))
+    steps = [(backend, False) for backend in args.backends]
+    if args.cuda_graphs:
+        steps += [("dense", True)] + [(b, True) for b in args.backends if b in GEMMS and not GEMMS[b].reads_host]
+    for name, graphed in steps:
+        module = dense if name == "dense" else moe
+        if module is moe:
+            moe.experts.backend = name
+        moe.route_padding = graphed
+        step = (graphed_train_step if graphed else _train_step)(module, x, lambda t: module(t, valid))
         for _ in range(3):
             step()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 step()
             torch.cuda.synchronize()
-        print(f"--- profile {backend} (5 steps, T={frames} d={dim} ffn={hidden})")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14))
+        print(f"--- profile {name}{' graphed' if graphed else ''} (5 steps, T={frames} d={dim} ffn={hidden})")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
+    moe.route_padding = False
 
 
 def bench_moe_ep(args: argparse.Namespace) -> dict:
@@ -295,7 +304,8 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("moe", help="MoE layer training step on one GPU, all paths")
     _training_step_arguments(p)
     p.add_argument("--backends", nargs="+", default=["reference", "grouped_mm", "triton"])
-    p.add_argument("--profile", action="store_true", help="kernel table of our layer")
+    p.add_argument("--profile", action="store_true",
+                   help="kernel tables of our layer (with --cuda-graphs: also replayed, and the dense FFN's)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also time the dense FFN and our GPU backends with each step replayed as a CUDA graph")
     p.set_defaults(handler=_run(bench_moe))
