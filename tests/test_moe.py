@@ -88,6 +88,29 @@ def test_router_is_bias_free_and_softmax_over_selected_logits():
     assert routing.aux_loss is None
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_bf16_router_logits_are_the_fp32_logits(device):
+    """bf16 frames and weight (ZeRO bf16): fp32 logits equal to the product of fp64 copies up to
+    fp32 rounding, and bf16 gradients within bf16 rounding of the fp64 ones."""
+    from u2moe.model.moe.router import router_logits
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 256, device=device).bfloat16().requires_grad_(True)
+    weight = torch.randn(8, 256, device=device).bfloat16().requires_grad_(True)
+    logits = router_logits(x, weight)
+    assert logits.dtype == torch.float32 and logits.shape == (300, 8)
+    x64, w64 = x.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
+    ref = x64 @ w64.t()
+    torch.testing.assert_close(logits.double(), ref, rtol=1e-6, atol=1e-5)
+    grad = torch.randn_like(logits)
+    logits.backward(grad)
+    ref.backward(grad.double())
+    for got, want in ((x.grad, x64.grad), (weight.grad, w64.grad)):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+
+
 def test_balancing_loss_is_one_for_uniform_routing():
     from u2moe.model.moe.router import TopKRouter
 

@@ -61,8 +61,10 @@ class GroupedGemm:
     reads_host = False
 
     @staticmethod
-    def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
-        """x [M, K], w [E, K, N], b [E, N] -> [M, N]."""
+    def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, groups: ExpertGroups
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [M, K], w [E, K, N], b [E, N] -> (y [M, N], the input `param_grads` wants back: x,
+        or a copy of x that the backend widened to fold the bias in)."""
         raise NotImplementedError
 
     @staticmethod
@@ -71,9 +73,10 @@ class GroupedGemm:
         raise NotImplementedError
 
     @staticmethod
-    def param_grads(x: torch.Tensor, grad: torch.Tensor, groups: ExpertGroups
+    def param_grads(x: torch.Tensor, grad: torch.Tensor, groups: ExpertGroups, in_features: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(dw [E, K, N], db [E, N]): x[rows of e]^T @ grad[rows of e] and the sum of grad[rows of e]."""
+        """(dw [E, K, N], db [E, N]): x[rows of e]^T @ grad[rows of e] and the sum of grad[rows of e];
+        x is what `linear` returned beside y, K = in_features its width before any widening."""
         raise NotImplementedError
 
 
@@ -84,14 +87,14 @@ class ReferenceGemm(GroupedGemm):
 
     @staticmethod
     def linear(x, w, b, groups):
-        return torch.cat([torch.addmm(b[e], xe, w[e]) for e, xe in enumerate(torch.split(x, groups.sizes))])
+        return torch.cat([torch.addmm(b[e], xe, w[e]) for e, xe in enumerate(torch.split(x, groups.sizes))]), x
 
     @staticmethod
     def input_grad(grad, w, groups):
         return torch.cat([ge @ w[e].t() for e, ge in enumerate(torch.split(grad, groups.sizes))])
 
     @staticmethod
-    def param_grads(x, grad, groups):
+    def param_grads(x, grad, groups, in_features):
         pairs = zip(torch.split(x, groups.sizes), torch.split(grad, groups.sizes))
         dw, db = zip(*((xe.t() @ ge, ge.sum(0)) for xe, ge in pairs))
         return torch.stack(dw), torch.stack(db)
@@ -112,22 +115,26 @@ class GroupedMMGemm(GroupedGemm):
             # Widening x by 8 columns of ones (one pass over [M, K]) and w by the bias and 7
             # zero rows costs less than gathering a bias row per output row and adding it
             # (three passes over [M, N]) where N > K / 2: the experts' first layer (K = d, N = 4d).
+            # The widened x is kept for the backward, whose weight-gradient product then yields
+            # the bias gradient as its row K (no separate pass over the [M, N] gradient).
             wide = x.new_empty(rows, k + GroupedMMGemm.BIAS_COLUMNS)
             wide[:, :k] = x
             wide[:, k:] = 1
             pad = b.new_zeros(1, 1, 1).expand(w.size(0), GroupedMMGemm.BIAS_COLUMNS - 1, w.size(2))
-            return torch._grouped_mm(wide, torch.cat([w, b.unsqueeze(1), pad], dim=1), offs=groups.offsets)
+            return torch._grouped_mm(wide, torch.cat([w, b.unsqueeze(1), pad], dim=1), offs=groups.offsets), wide
         y = torch._grouped_mm(x, w, offs=groups.offsets)
-        return y.add_(b.index_select(0, groups.row_expert))
+        return y.add_(b.index_select(0, groups.row_expert)), x
 
     @staticmethod
     def input_grad(grad, w, groups):
         return torch._grouped_mm(grad, w.transpose(1, 2), offs=groups.offsets)
 
     @staticmethod
-    def param_grads(x, grad, groups):
+    def param_grads(x, grad, groups, in_features):
         # Groups along the reduction dimension (K-grouped products).
         dw = torch._grouped_mm(x.t(), grad, offs=groups.offsets)
+        if x.size(1) > in_features:  # linear's widened x: rows K.. of dw are each the bias gradient
+            return dw[:, :in_features].contiguous(), dw[:, in_features].contiguous()
         # The bias gradient is the same product with x = ones; an [8, M] ones matrix is the
         # narrowest left operand whose strides meet _grouped_mm's 16-byte alignment rule.
         ones = grad.new_ones(grad.size(0), 8).t()
@@ -142,7 +149,7 @@ class TritonGemm(GroupedGemm):
     def linear(x, w, b, groups):
         from u2moe.model.moe.triton_grouped_gemm import grouped_rows
 
-        return grouped_rows(x, w, b, groups.offsets, transpose_w=False)
+        return grouped_rows(x, w, b, groups.offsets, transpose_w=False), x
 
     @staticmethod
     def input_grad(grad, w, groups):
@@ -151,7 +158,7 @@ class TritonGemm(GroupedGemm):
         return grouped_rows(grad, w, None, groups.offsets, transpose_w=True)
 
     @staticmethod
-    def param_grads(x, grad, groups):
+    def param_grads(x, grad, groups, in_features):
         from u2moe.model.moe.triton_grouped_gemm import weight_grad
 
         return weight_grad(x, grad, groups.offsets)

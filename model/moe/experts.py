@@ -38,16 +38,15 @@ class ExpertFFN(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                 b2: torch.Tensor, groups: ExpertGroups, gemm: type[GroupedGemm], activation: str,
                 dropout: float, dtype: torch.dtype) -> torch.Tensor:
-        xc = x.to(dtype).contiguous()
-        h = gemm.linear(xc, w1.to(dtype), b1.to(dtype), groups)
+        h, x_saved = gemm.linear(x.to(dtype).contiguous(), w1.to(dtype), b1.to(dtype), groups)
         a = _ACTIVATION_FNS[activation][0](h)
         mask = None
         if dropout > 0:
             a, mask = torch.native_dropout(a, dropout, True)
-        y = gemm.linear(a, w2.to(dtype), b2.to(dtype), groups)
+        y, a_saved = gemm.linear(a, w2.to(dtype), b2.to(dtype), groups)
         # The fp32 weights, not their casts: saving the casts would hold a second copy of every
         # expert for the backward (1.5 GB for moe_1b under bf16 autocast).
-        ctx.save_for_backward(xc, h, a, mask, w1, w2)
+        ctx.save_for_backward(x_saved, h, a_saved, mask, w1, w2)
         ctx.groups, ctx.gemm, ctx.activation, ctx.dropout = groups, gemm, activation, dropout
         ctx.dtypes = (x.dtype, b1.dtype, b2.dtype)
         return y
@@ -57,13 +56,13 @@ class ExpertFFN(torch.autograd.Function):
         x, h, a, mask, w1, w2 = ctx.saved_tensors
         groups, gemm = ctx.groups, ctx.gemm
         grad = grad.to(a.dtype).contiguous()
-        grad_w2, grad_b2 = gemm.param_grads(a, grad, groups)
-        grad_a = gemm.input_grad(grad, w2.to(a.dtype), groups)
+        grad_w2, grad_b2 = gemm.param_grads(a, grad, groups, w2.size(1))
+        grad_a = gemm.input_grad(grad, w2.to(h.dtype), groups)
         if mask is not None:
             grad_a = torch.ops.aten.native_dropout_backward(grad_a, mask, 1.0 / (1.0 - ctx.dropout))
         grad_h = _ACTIVATION_FNS[ctx.activation][1](grad_a, h)
-        grad_w1, grad_b1 = gemm.param_grads(x, grad_h, groups)
-        grad_x = gemm.input_grad(grad_h, w1.to(x.dtype), groups) if ctx.needs_input_grad[0] else None
+        grad_w1, grad_b1 = gemm.param_grads(x, grad_h, groups, w1.size(1))
+        grad_x = gemm.input_grad(grad_h, w1.to(h.dtype), groups) if ctx.needs_input_grad[0] else None
         x_dtype, b1_dtype, b2_dtype = ctx.dtypes
         return (None if grad_x is None else grad_x.to(x_dtype), grad_w1.to(w1.dtype),
                 grad_b1.to(b1_dtype), grad_w2.to(w2.dtype), grad_b2.to(b2_dtype),

@@ -23,6 +23,37 @@ def count_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor
     return (expert_ids.unsqueeze(1) == experts).sum(dim=0)
 
 
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 logits x [N, d] @ weight [E, d]^T. The frames and weight are cast to fp32, unless both
+    are bf16 (ZeRO's bf16 training): then `_Bf16Logits`, the same logits without the fp32 copies."""
+    if x.dtype == weight.dtype == torch.bfloat16:
+        return _Bf16Logits.apply(x, weight)
+    return F.linear(x.float(), weight.float())
+
+
+class _Bf16Logits(torch.autograd.Function):
+    """fp32 logits of bf16 frames and a bf16 weight: on CUDA one tensor-core product with fp32
+    output. Products of bf16 numbers are exact in fp32, so these are the logits of fp32 copies of
+    both, up to summation order, without writing an fp32 copy of the frames (and reading it
+    again, saved, in the backward). The backward runs in bf16, like every bf16 layer's: the
+    logits' gradient rounded to bf16, products accumulated in fp32."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        if x.is_cuda:
+            return torch.mm(x, weight.t(), out_dtype=torch.float32)
+        return torch.mm(x.float(), weight.float().t())  # no mm with an fp32 output on CPU
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad.to(x.dtype)
+        grad_x = torch.mm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.mm(grad.t(), x) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight
+
+
 class TopKRouter(nn.Module):
     def __init__(self, dim: int, num_experts: int, top_k: int,
                  noise_std: float = 0.0, aux_loss_weight: float = 0.0):
@@ -39,7 +70,7 @@ class TopKRouter(nn.Module):
         # Routing decisions are made in fp32 whatever the training precision: in bf16, near-ties
         # between experts flip from step to step and from rank to rank.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight.float())
+            logits = router_logits(x, self.weight)
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
         top_logits, expert_ids = logits.topk(self.top_k, dim=-1)
