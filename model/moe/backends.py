@@ -100,9 +100,42 @@ class ReferenceGemm(GroupedGemm):
         return torch.stack(dw), torch.stack(db)
 
 
+class TorchBiasOps:
+    """The `grouped_mm` backend's bias folds and bias add, in PyTorch: the CPU path, and the
+    reference of the single-pass Triton kernels (`triton_bias.TritonBiasOps`) used on CUDA."""
+
+    @staticmethod
+    def widen_rows(x: torch.Tensor, columns: int) -> torch.Tensor:
+        """x [M, K] -> [M, K + columns]: x, then columns of ones."""
+        wide = x.new_empty(x.size(0), x.size(1) + columns)
+        wide[:, :x.size(1)] = x
+        wide[:, x.size(1):] = 1
+        return wide
+
+    @staticmethod
+    def widen_weight(w: torch.Tensor, b: torch.Tensor, rows: int) -> torch.Tensor:
+        """w [E, K, N], b [E, N] -> [E, K + rows, N]: w, the bias as row K, then zero rows."""
+        pad = b.new_zeros(1, 1, 1).expand(w.size(0), rows - 1, w.size(2))
+        return torch.cat([w, b.unsqueeze(1), pad], dim=1)
+
+    @staticmethod
+    def add_group_bias_(y: torch.Tensor, b: torch.Tensor, row_expert: torch.Tensor) -> torch.Tensor:
+        """y [M, N] += b[row_expert] (b [E, N]), in place; returns y."""
+        return y.add_(b.index_select(0, row_expert))
+
+
+def bias_ops(x: torch.Tensor) -> type:
+    """Triton's single-pass kernels on CUDA where Triton is installed, PyTorch's ops otherwise."""
+    if x.is_cuda and HAS_TRITON:
+        from u2moe.model.moe.triton_bias import TritonBiasOps
+
+        return TritonBiasOps
+    return TorchBiasOps
+
+
 class GroupedMMGemm(GroupedGemm):
     """CUTLASS grouped GEMM (`torch._grouped_mm`); the bias multiplied in as an extra row of the
-    weights, or added by one gather."""
+    weights, or added to each row from its expert (`bias_ops`)."""
 
     # Width of the ones block appended to x to multiply the bias in: _grouped_mm wants 16-byte
     # aligned row strides, 8 bf16 elements.
@@ -110,20 +143,17 @@ class GroupedMMGemm(GroupedGemm):
 
     @staticmethod
     def linear(x, w, b, groups):
-        rows, k = x.shape
-        if k < 2 * w.size(2):
+        ops = bias_ops(x)
+        if x.size(1) < 2 * w.size(2):
             # Widening x by 8 columns of ones (one pass over [M, K]) and w by the bias and 7
-            # zero rows costs less than gathering a bias row per output row and adding it
-            # (three passes over [M, N]) where N > K / 2: the experts' first layer (K = d, N = 4d).
-            # The widened x is kept for the backward, whose weight-gradient product then yields
+            # zero rows costs less than adding a bias row to each output row (one pass over
+            # [M, N]; three in PyTorch) where N is the larger: the experts' first layer (K = d,
+            # N = 4d). The widened x is kept for the backward, whose weight-gradient product then yields
             # the bias gradient as its row K (no separate pass over the [M, N] gradient).
-            wide = x.new_empty(rows, k + GroupedMMGemm.BIAS_COLUMNS)
-            wide[:, :k] = x
-            wide[:, k:] = 1
-            pad = b.new_zeros(1, 1, 1).expand(w.size(0), GroupedMMGemm.BIAS_COLUMNS - 1, w.size(2))
-            return torch._grouped_mm(wide, torch.cat([w, b.unsqueeze(1), pad], dim=1), offs=groups.offsets), wide
-        y = torch._grouped_mm(x, w, offs=groups.offsets)
-        return y.add_(b.index_select(0, groups.row_expert)), x
+            wide = ops.widen_rows(x, GroupedMMGemm.BIAS_COLUMNS)
+            wide_w = ops.widen_weight(w, b, GroupedMMGemm.BIAS_COLUMNS)
+            return torch._grouped_mm(wide, wide_w, offs=groups.offsets), wide
+        return ops.add_group_bias_(torch._grouped_mm(x, w, offs=groups.offsets), b, groups.row_expert), x
 
     @staticmethod
     def input_grad(grad, w, groups):

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from u2moe.model.moe.backends import HAS_TRITON
+
 
 @dataclass
 class Routing:
@@ -21,6 +23,22 @@ def count_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor
     [N, E] needs neither host reads nor atomics."""
     experts = torch.arange(num_experts, device=expert_ids.device)
     return (expert_ids.unsqueeze(1) == experts).sum(dim=0)
+
+
+def torch_top_k_softmax(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [N, E] -> (the top k experts [N, k], descending; the softmax over their logits).
+    The CPU path, and the reference of `triton_router.TritonTopKSoftmax`."""
+    top, expert_ids = logits.topk(top_k, dim=-1)
+    return expert_ids, top.softmax(dim=-1)
+
+
+def top_k_softmax(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch_top_k_softmax`, as one Triton kernel each way on CUDA where Triton is installed."""
+    if logits.is_cuda and HAS_TRITON:
+        from u2moe.model.moe.triton_router import TritonTopKSoftmax
+
+        return TritonTopKSoftmax.apply(logits, top_k)
+    return torch_top_k_softmax(logits, top_k)
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -73,8 +91,7 @@ class TopKRouter(nn.Module):
             logits = router_logits(x, self.weight)
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
-        top_logits, expert_ids = logits.topk(self.top_k, dim=-1)
-        weights = top_logits.softmax(dim=-1)
+        expert_ids, weights = top_k_softmax(logits, self.top_k)
         aux_loss = None
         if self.training and self.aux_loss_weight > 0 and x.size(0) > 0:
             aux_loss = self.aux_loss_weight * self._load_balancing_loss(logits, expert_ids)
@@ -83,9 +100,7 @@ class TopKRouter(nn.Module):
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference routing as `forward` does it in eval mode (no noise, no loss), scriptable:
         (expert_ids [N, k], weights [N, k] fp32). Used by the export path (`MoEFeedForward`)."""
-        logits = F.linear(x.float(), self.weight.float())
-        top_logits, expert_ids = logits.topk(self.top_k, dim=-1)
-        return expert_ids, top_logits.softmax(dim=-1)
+        return torch_top_k_softmax(F.linear(x.float(), self.weight.float()), self.top_k)
 
     def _load_balancing_loss(self, logits: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """Switch-Transformer loss E * sum_i f_i * P_i; equals 1 when the load is uniform."""
