@@ -128,12 +128,12 @@ def test_backend_large_groups_on_cpu(backend):
 
 
 @needs_triton_interpreter
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(8))
 def test_every_triton_tile_shape_on_cpu(index, monkeypatch):
     """Each tile shape the autotuner may pick on a GPU (the interpreter runs only the first)."""
     from u2moe.model.moe import triton_grouped_gemm as tgg
 
-    assert len(tgg._ROWS_CONFIGS) == len(tgg._WGRAD_CONFIGS) == 6
+    assert len(tgg._ROWS_CONFIGS) == len(tgg._WGRAD_CONFIGS) == 8
     monkeypatch.setattr(tgg._grouped_rows_kernel, "configs", [tgg._ROWS_CONFIGS[index]])
     monkeypatch.setattr(tgg._grouped_weight_grad_kernel, "configs", [tgg._WGRAD_CONFIGS[index]])
     compare_large_groups("triton", "cpu", torch.float32, dim=48, hidden=160, frames=360, tol=1e-5)

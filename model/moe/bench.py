@@ -136,7 +136,7 @@ def bench_moe(args: argparse.Namespace) -> dict:
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
-    for frames, dim, hidden in SHAPES:
+    for frames, dim, hidden in args.shapes:
         cfg = FeedForwardConfig(type="moe", hidden_units=hidden, dropout_rate=0.0,
                                 num_experts=args.experts, top_k=args.top_k)
         torch.manual_seed(0)
@@ -179,9 +179,9 @@ def bench_moe(args: argparse.Namespace) -> dict:
 
 
 def _profile(args: argparse.Namespace) -> None:
-    """Where our layer's time goes, kernel by kernel, at the first shape (for misses); with
+    """Where our layer's time goes, kernel by kernel, at the first of --shapes (for misses); with
     --cuda-graphs also of the replayed steps, ours and the dense FFN's (the graphed ideal's)."""
-    frames, dim, hidden = SHAPES[0]
+    frames, dim, hidden = args.shapes[0]
     cfg = FeedForwardConfig(type="moe", hidden_units=hidden, dropout_rate=0.0,
                             num_experts=args.experts, top_k=args.top_k)
     moe = MoEFeedForward(dim, cfg).to("cuda", torch.bfloat16)
@@ -293,6 +293,9 @@ def _run(fn: Callable[[argparse.Namespace], dict]) -> Callable[[argparse.Namespa
 
 def _training_step_arguments(p: argparse.ArgumentParser) -> None:
     """What `moe` and `moe-ep` share: the layer's routing and the timing loop."""
+    p.add_argument("--shapes", type=_shape, nargs="+", default=list(SHAPES), metavar="T,D,FFN",
+                   help="frames (per rank under moe-ep), model dim, expert hidden size; the profile "
+                        "takes the first (default: the issue's three)")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--warmup", type=int, default=5)
@@ -311,8 +314,6 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run(bench_moe))
     p = sub.add_parser("moe-ep", help="MoE layer training step, expert parallel (start it with a launcher)")
     _training_step_arguments(p)
-    p.add_argument("--shapes", type=_shape, nargs="+", default=list(SHAPES), metavar="T,D,FFN",
-                   help="frames per rank, model dim, expert hidden size (default: the `moe` shapes)")
     p.add_argument("--pad", type=float, default=0.0, help="share of padded frames")
     p.set_defaults(handler=_run(bench_moe_ep))
     p = sub.add_parser("moe-infer", help="MoE layer inference, batch 1, on CPU")
