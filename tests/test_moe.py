@@ -76,6 +76,22 @@ def test_padded_frames_get_no_expert_and_zero_output():
     torch.testing.assert_close(moe(x2, valid)[valid], y[valid])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_autocast_output_dtype_does_not_depend_on_padding(device):
+    """fp32 frames under bf16 autocast: the layer answers in autocast's dtype with a padding mask
+    as without one (a mask made the output fp32 on CPU, and failed on CUDA: index_copy of the
+    real frames' bf16 rows into fp32 zeros)."""
+    moe = _layer(4, 2).float().to(device)
+    x = torch.randn(2, 6, 12, device=device)
+    valid = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        masked, full = moe(x, valid), moe(x, None)
+    assert masked.dtype == full.dtype == torch.bfloat16
+    assert torch.all(masked[~valid] == 0)
+    torch.testing.assert_close(masked[valid], full[valid], rtol=2e-2, atol=2e-2)
+
+
 def test_router_is_bias_free_and_softmax_over_selected_logits():
     moe = _layer(8, 2)
     assert [n for n, _ in moe.router.named_parameters()] == ["weight"]

@@ -126,7 +126,8 @@ def _real_frames(flat: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor
 
 
 def _to_all_frames(y: torch.Tensor, flat: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    """The real frames' outputs y back at their rows of a [N, D] like flat; padded rows zero."""
+    """The real frames' outputs y back at their rows of an [N, D] of flat's shape, in y's dtype
+    (autocast's, as without a mask); padded rows zero."""
     if index is None:
         return y
-    return flat.new_zeros(flat.shape).index_copy(0, index, y)
+    return y.new_zeros(flat.shape).index_copy(0, index, y)
