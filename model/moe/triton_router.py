@@ -16,11 +16,25 @@ _FRAMES_PER_PROGRAM = 64
 
 
 @triton.jit
+def _frame_block(N, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    """This program's frames (rows), the expert columns, and which rows exist."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, tl.arange(0, BLOCK_E), rows < N
+
+
+@triton.jit
+def _next_best(left, cols, BLOCK_E: tl.constexpr):
+    """Each frame's largest remaining logit, its expert (the lower id on ties), and the logits
+    without it."""
+    best = tl.max(left, axis=1)
+    pick = tl.min(tl.where(left == best[:, None], cols[None, :], BLOCK_E), axis=1)
+    return best, pick, tl.where(cols[None, :] == pick[:, None], float("-inf"), left)
+
+
+@triton.jit
 def _top_k_softmax_kernel(logits_ptr, ids_ptr, weights_ptr, N, E, stride,
                           TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_E)
-    row_mask = rows < N
+    rows, cols, row_mask = _frame_block(N, BLOCK_N, BLOCK_E)
     logits = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride + cols[None, :],
                      mask=row_mask[:, None] & (cols[None, :] < E), other=float("-inf"))
     logits = tl.where(row_mask[:, None], logits, 0.0)  # rows past N: finite, never stored
@@ -29,15 +43,11 @@ def _top_k_softmax_kernel(logits_ptr, ids_ptr, weights_ptr, N, E, stride,
     left = logits
     denominator = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for _ in tl.static_range(TOP_K):
-        best = tl.max(left, axis=1)
+        best, pick, left = _next_best(left, cols, BLOCK_E)
         denominator += tl.exp(best - top)
-        pick = tl.min(tl.where(left == best[:, None], cols[None, :], BLOCK_E), axis=1)
-        left = tl.where(cols[None, :] == pick[:, None], float("-inf"), left)
     left = logits
     for j in tl.static_range(TOP_K):
-        best = tl.max(left, axis=1)
-        pick = tl.min(tl.where(left == best[:, None], cols[None, :], BLOCK_E), axis=1)
-        left = tl.where(cols[None, :] == pick[:, None], float("-inf"), left)
+        best, pick, left = _next_best(left, cols, BLOCK_E)
         tl.store(ids_ptr + rows * TOP_K + j, pick.to(tl.int64), mask=row_mask)
         tl.store(weights_ptr + rows * TOP_K + j, tl.exp(best - top) / denominator, mask=row_mask)
 
@@ -45,9 +55,7 @@ def _top_k_softmax_kernel(logits_ptr, ids_ptr, weights_ptr, N, E, stride,
 @triton.jit
 def _top_k_softmax_backward_kernel(ids_ptr, weights_ptr, grad_ptr, out_ptr, N, E,
                                    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_E)
-    row_mask = rows < N
+    rows, cols, row_mask = _frame_block(N, BLOCK_N, BLOCK_E)
     # Softmax backward over the k weights s: d_j = s_j * (g_j - sum_i g_i s_i), at logit ids_j.
     dot = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for j in tl.static_range(TOP_K):
