@@ -87,7 +87,8 @@ class ReferenceGemm(GroupedGemm):
 
     @staticmethod
     def linear(x, w, b, groups):
-        return torch.cat([torch.addmm(b[e], xe, w[e]) for e, xe in enumerate(torch.split(x, groups.sizes))]), x
+        y = torch.cat([torch.addmm(b[e], xe, w[e]) for e, xe in enumerate(torch.split(x, groups.sizes))])
+        return y, x
 
     @staticmethod
     def input_grad(grad, w, groups):
@@ -148,8 +149,8 @@ class GroupedMMGemm(GroupedGemm):
             # Widening x by 8 columns of ones (one pass over [M, K]) and w by the bias and 7
             # zero rows costs less than adding a bias row to each output row (one pass over
             # [M, N]; three in PyTorch) where N is the larger: the experts' first layer (K = d,
-            # N = 4d). The widened x is kept for the backward, whose weight-gradient product then yields
-            # the bias gradient as its row K (no separate pass over the [M, N] gradient).
+            # N = 4d). The widened x is kept for the backward, whose weight-gradient product then
+            # yields the bias gradient as its row K (no separate pass over the [M, N] gradient).
             wide = ops.widen_rows(x, GroupedMMGemm.BIAS_COLUMNS)
             wide_w = ops.widen_weight(w, b, GroupedMMGemm.BIAS_COLUMNS)
             return torch._grouped_mm(wide, wide_w, offs=groups.offsets), wide

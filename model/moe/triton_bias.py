@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from u2moe.model.moe.triton_permute import row_block
+
 
 @triton.jit
 def _widen_rows_kernel(x_ptr, out_ptr, K, WIDE, stride_x, BLOCK: tl.constexpr):
@@ -45,12 +47,6 @@ def _add_group_bias_kernel(y_ptr, b_ptr, expert_ptr, N, stride_y, BLOCK: tl.cons
     tl.store(y_ptr + row * stride_y + cols, y + bias, mask=mask)
 
 
-def _block(width: int) -> tuple[int, int]:
-    """(BLOCK, num_warps): up to 1024 columns a program, 8 columns (16 bytes of bf16) a thread."""
-    block = min(1024, triton.next_power_of_2(width))
-    return block, max(1, block // 256)
-
-
 class TritonBiasOps:
     @staticmethod
     def widen_rows(x: torch.Tensor, columns: int) -> torch.Tensor:
@@ -58,7 +54,7 @@ class TritonBiasOps:
         rows, k = x.shape
         out = x.new_empty(rows, k + columns)
         if rows:
-            block, warps = _block(k + columns)
+            block, warps = row_block(k + columns)
             _widen_rows_kernel[(rows, triton.cdiv(k + columns, block))](
                 x, out, k, k + columns, x.stride(0), BLOCK=block, num_warps=warps)
         return out
@@ -69,7 +65,7 @@ class TritonBiasOps:
         w, b = w.contiguous(), b.contiguous()
         experts, k, n = w.shape
         out = w.new_empty(experts, k + rows, n)
-        block, warps = _block(n)
+        block, warps = row_block(n)
         _widen_weight_kernel[(experts * (k + rows), triton.cdiv(n, block))](
             w, b, out, k, n, k + rows, BLOCK=block, num_warps=warps)
         return out
@@ -79,7 +75,7 @@ class TritonBiasOps:
         """y [M, N] += b[row_expert] (b [E, N]), in place; returns y."""
         rows, n = y.shape
         if rows:
-            block, warps = _block(n)
+            block, warps = row_block(n)
             _add_group_bias_kernel[(rows, triton.cdiv(n, block))](
                 y, b.contiguous(), row_expert, n, y.stride(0), BLOCK=block, num_warps=warps)
         return y

@@ -49,7 +49,7 @@ def _scale_rows_kernel(src_ptr, frame_ptr, w_ptr, y_ptr, out_ptr, dot_ptr, D, st
         tl.store(dot_ptr + r, tl.sum(dot, axis=0))
 
 
-def _row_block(dim: int) -> tuple[int, int]:
+def row_block(dim: int) -> tuple[int, int]:
     """(BLOCK_D, num_warps): a whole row up to 1024 columns, 8 columns (16 bytes of bf16) a thread."""
     block = min(1024, triton.next_power_of_2(dim))
     return block, max(1, block // 256)
@@ -64,7 +64,7 @@ class TritonPermuteOps:
         out = src.new_empty(num, src.size(1))
         if num == 0:
             return out  # a CUDA grid has no zero dimension
-        block, warps = _row_block(src.size(1))
+        block, warps = row_block(src.size(1))
         _gather_sum_kernel[(num, triton.cdiv(src.size(1), block))](
             src, rows.contiguous(), weights.contiguous() if weights is not None else src, out,
             src.size(1), src.stride(0), out.stride(0), TOP_K=top_k, HAS_WEIGHTS=weights is not None,
@@ -82,7 +82,7 @@ class TritonPermuteOps:
         if rows == 0:
             return out, dot
         y = y.contiguous() if y is not None else None
-        block, warps = _row_block(src.size(1))
+        block, warps = row_block(src.size(1))
         _scale_rows_kernel[(rows,)](
             src, frames.contiguous(), weights.contiguous(), y if y is not None else src, out,
             dot if dot is not None else out, src.size(1), src.stride(0),
