@@ -4,9 +4,9 @@ direct computations, alone and inside the whole MoE layer."""
 import pytest
 import torch
 from test_moe_backends import compare_backends, gpu, needs_triton_interpreter
+from test_moe_permute import layer_outputs
 
-from u2moe.model.config import FeedForwardConfig
-from u2moe.model.moe import MoEFeedForward, backends, router
+from u2moe.model.moe import backends, router
 from u2moe.model.moe.backends import TorchBiasOps
 from u2moe.model.moe.router import torch_top_k_softmax
 
@@ -80,24 +80,12 @@ def test_grouped_mm_layer_with_triton_bias_on_cpu(num_experts, top_k, hidden, mo
     compare_backends("grouped_mm", num_experts, top_k, True, "cpu", torch.float32, 1e-5, 1e-5, hidden)
 
 
-def layer_outputs(device, dtype, num_experts, top_k):
-    torch.manual_seed(0)
-    cfg = FeedForwardConfig(type="moe", hidden_units=48, dropout_rate=0.0,
-                            num_experts=num_experts, top_k=top_k)
-    moe = MoEFeedForward(16, cfg).to(device, dtype)
-    x = torch.randn(3, 21, 16, device=device, dtype=dtype, requires_grad=True)
-    valid = torch.arange(21, device=device)[None] < torch.tensor([[21], [10], [1]], device=device)
-    y = moe(x, valid)
-    y.backward(torch.randn_like(y))
-    return [y, x.grad, *(p.grad for p in moe.parameters())]
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_experts,top_k", [(4, 1), (8, 2)])
 def test_layer_with_triton_top_k_equals_torch_top_k(device, num_experts, top_k, monkeypatch):
     monkeypatch.setattr(router, "top_k_softmax", torch_top_k_softmax)
-    ref = layer_outputs(device, torch.float32, num_experts, top_k)
+    ref = layer_outputs(device, torch.float32, num_experts, top_k, 16, 21)
     monkeypatch.setattr(router, "top_k_softmax", triton_top_k_softmax)
-    got = layer_outputs(device, torch.float32, num_experts, top_k)
+    got = layer_outputs(device, torch.float32, num_experts, top_k, 16, 21)
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)

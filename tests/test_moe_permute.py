@@ -64,9 +64,8 @@ def test_no_rows(make_ops):
     assert out.shape == (0, 16) and dot.shape == (0,)
 
 
-def layer_outputs(ops, device, dtype, num_experts, top_k, dim, frames, monkeypatch):
-    """The layer's output and every gradient with the dispatcher's ops forced to `ops`."""
-    monkeypatch.setattr(dispatcher, "permute_ops", lambda x: ops)
+def layer_outputs(device, dtype, num_experts, top_k, dim, frames):
+    """The layer's output and every gradient on a padded batch, from seed 0."""
     torch.manual_seed(0)
     cfg = FeedForwardConfig(type="moe", hidden_units=2 * dim, dropout_rate=0.0,
                             num_experts=num_experts, top_k=top_k)
@@ -82,8 +81,10 @@ def layer_outputs(ops, device, dtype, num_experts, top_k, dim, frames, monkeypat
 @needs_triton_interpreter
 @pytest.mark.parametrize("num_experts,top_k", [(4, 1), (8, 2)])
 def test_layer_with_triton_permute_equals_torch_permute_on_cpu(num_experts, top_k, monkeypatch):
-    ref = layer_outputs(TorchPermuteOps, "cpu", torch.float32, num_experts, top_k, 16, 21, monkeypatch)
-    got = layer_outputs(triton_ops(), "cpu", torch.float32, num_experts, top_k, 16, 21, monkeypatch)
+    monkeypatch.setattr(dispatcher, "permute_ops", lambda x: TorchPermuteOps)
+    ref = layer_outputs("cpu", torch.float32, num_experts, top_k, 16, 21)
+    monkeypatch.setattr(dispatcher, "permute_ops", lambda x: triton_ops())
+    got = layer_outputs("cpu", torch.float32, num_experts, top_k, 16, 21)
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
@@ -92,8 +93,10 @@ def test_layer_with_triton_permute_equals_torch_permute_on_cpu(num_experts, top_
 @gpu
 @pytest.mark.parametrize("num_experts,top_k", [(4, 1), (8, 2)])
 def test_gpu_layer_with_triton_permute_equals_torch_permute_bf16(num_experts, top_k, monkeypatch):
-    ref = layer_outputs(TorchPermuteOps, "cuda", torch.bfloat16, num_experts, top_k, 256, 300, monkeypatch)
-    got = layer_outputs(triton_ops(), "cuda", torch.bfloat16, num_experts, top_k, 256, 300, monkeypatch)
+    monkeypatch.setattr(dispatcher, "permute_ops", lambda x: TorchPermuteOps)
+    ref = layer_outputs("cuda", torch.bfloat16, num_experts, top_k, 256, 300)
+    monkeypatch.setattr(dispatcher, "permute_ops", lambda x: triton_ops())
+    got = layer_outputs("cuda", torch.bfloat16, num_experts, top_k, 256, 300)
     for g, r in zip(got, ref):
         scale = r.float().abs().max().clamp_min(1e-6)
         assert ((g.float() - r.float()).abs().max() / scale) < 2e-2

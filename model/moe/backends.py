@@ -21,6 +21,12 @@ import torch
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
+
+def triton_kernels_for(x: torch.Tensor) -> bool:
+    """Whether ops on x take our single-pass Triton kernels (the dispatcher's, the router's, the
+    bias ops'): on CUDA where Triton is installed; PyTorch's ops otherwise."""
+    return x.is_cuda and HAS_TRITON
+
 Backend = Literal["reference", "grouped_mm", "triton"]
 # "export" is not a grouped linear layer: it makes `MoEFeedForward` take its exporters' inference
 # path (GroupedExperts.forward_sparse), the one TorchScript and ONNX export.
@@ -126,8 +132,8 @@ class TorchBiasOps:
 
 
 def bias_ops(x: torch.Tensor) -> type:
-    """Triton's single-pass kernels on CUDA where Triton is installed, PyTorch's ops otherwise."""
-    if x.is_cuda and HAS_TRITON:
+    """`triton_bias.TritonBiasOps` where `triton_kernels_for(x)`, `TorchBiasOps` otherwise."""
+    if triton_kernels_for(x):
         from u2moe.model.moe.triton_bias import TritonBiasOps
 
         return TritonBiasOps

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from u2moe.model.moe.backends import HAS_TRITON, ExpertGroups
+from u2moe.model.moe.backends import ExpertGroups, triton_kernels_for
 from u2moe.model.moe.router import Routing
 
 
@@ -33,8 +33,8 @@ class TorchPermuteOps:
 
 
 def permute_ops(x: torch.Tensor) -> type:
-    """Triton's single-pass kernels on CUDA where Triton is installed, PyTorch's ops otherwise."""
-    if x.is_cuda and HAS_TRITON:
+    """`triton_permute.TritonPermuteOps` where `triton_kernels_for(x)`, `TorchPermuteOps` otherwise."""
+    if triton_kernels_for(x):
         from u2moe.model.moe.triton_permute import TritonPermuteOps
 
         return TritonPermuteOps

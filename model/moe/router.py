@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from u2moe.model.moe.backends import HAS_TRITON
+from u2moe.model.moe.backends import triton_kernels_for
 
 
 @dataclass
@@ -33,8 +33,8 @@ def torch_top_k_softmax(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor,
 
 
 def top_k_softmax(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`torch_top_k_softmax`, as one Triton kernel each way on CUDA where Triton is installed."""
-    if logits.is_cuda and HAS_TRITON:
+    """`torch_top_k_softmax`, as one Triton kernel each way where `triton_kernels_for(logits)`."""
+    if triton_kernels_for(logits):
         from u2moe.model.moe.triton_router import TritonTopKSoftmax
 
         return TritonTopKSoftmax.apply(logits, top_k)
