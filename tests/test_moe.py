@@ -36,12 +36,12 @@ def _layer(num_experts, top_k, dim=12, hidden=20):
 
 
 @pytest.mark.parametrize("num_experts,top_k", [(1, 1), (2, 1), (4, 2), (8, 1), (8, 2), (3, 3)])
-@pytest.mark.parametrize("padded,route_padding", [(False, False), (True, False), (True, True)])
-def test_moe_matches_per_frame_loop(num_experts, top_k, padded, route_padding):
-    """Also with padded frames routed and zeroed afterwards (CUDA graphs' static shapes): the
-    real frames' outputs and every gradient are the same."""
+@pytest.mark.parametrize("padded,static_shapes", [(False, False), (True, False), (True, True)])
+def test_moe_matches_per_frame_loop(num_experts, top_k, padded, static_shapes):
+    """Also with padded frames kept in place and skipped (CUDA graphs' static shapes): the same
+    outputs and gradients."""
     moe = _layer(num_experts, top_k)
-    moe.route_padding = route_padding
+    moe.static_shapes = static_shapes
     x = torch.randn(3, 7, 12, dtype=torch.float64, requires_grad=True)
     valid = None
     if padded:
@@ -137,6 +137,21 @@ def test_balancing_loss_is_one_for_uniform_routing():
     routing = router(x)
     assert routing.expert_ids.squeeze(1).tolist() == [0, 1, 2, 3]
     torch.testing.assert_close(routing.aux_loss, torch.tensor(1.0))
+
+
+def test_skipped_frames_route_nowhere_and_stay_out_of_the_balancing_loss():
+    """Padding kept in place (static shapes): expert id E, and the loss of the kept frames alone."""
+    from u2moe.model.moe.router import TopKRouter
+
+    torch.manual_seed(0)
+    router = TopKRouter(12, 8, 2, aux_loss_weight=1.0)
+    x = torch.randn(20, 12)
+    skip = torch.arange(20) % 3 == 0
+    routing = router(x, skip)
+    kept = router(x[~skip])
+    assert torch.all(routing.expert_ids[skip] == 8)
+    assert torch.equal(routing.expert_ids[~skip], kept.expert_ids)
+    torch.testing.assert_close(routing.aux_loss, kept.aux_loss)
 
 
 def test_expert_counts_match_bincount_without_host_reads():

@@ -151,7 +151,7 @@ def test_gpu_backend_large_groups_bf16(backend):
 @pytest.mark.parametrize("backend", ["grouped_mm", "triton"])
 def test_graphed_bench_step_gives_the_eager_gradients(backend):
     """`u2moe bench moe --cuda-graphs` times replays of one captured step: each replay must do
-    the eager step's work (padded batch: the graph routes padding, eager removes it first), and
+    the eager step's work (padded batch: the graph skips padding in place, eager removes it first), and
     write the gradients afresh rather than add to them, also while an older graph of the input
     is alive."""
     import copy
@@ -163,7 +163,7 @@ def test_graphed_bench_step_gives_the_eager_gradients(backend):
     eager = MoEFeedForward(256, cfg).to("cuda", torch.bfloat16)
     eager.experts.backend = backend
     graphed = copy.deepcopy(eager)
-    graphed.route_padding = True
+    graphed.static_shapes = True
     x = torch.randn(4, 300, 256, device="cuda", dtype=torch.bfloat16)
     valid = torch.arange(300, device="cuda")[None] < torch.tensor([[300], [200], [50], [1]], device="cuda")
     grad = torch.randn_like(x)

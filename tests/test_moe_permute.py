@@ -7,6 +7,7 @@ from test_moe_backends import gpu, needs_triton_interpreter
 
 from u2moe.model.config import FeedForwardConfig
 from u2moe.model.moe import MoEFeedForward, dispatcher
+from u2moe.model.moe.backends import GEMMS, ReferenceGemm
 from u2moe.model.moe.dispatcher import TorchPermuteOps
 
 
@@ -56,6 +57,30 @@ def test_gather_sum_and_scale_rows_match_a_loop_over_rows(make_ops, dim, top_k, 
 
 
 @pytest.mark.parametrize("make_ops", CPU_OPS)
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_rows_from_the_limit_on_count_as_zero_whatever_they_hold(make_ops, top_k):
+    """Unrouted rows (skipped padding) hold whatever the grouped products left there: NaN here."""
+    ops = make_ops()
+    torch.manual_seed(top_k)
+    frames, dim, limit = 7, 40, 5
+    rows = torch.randperm(frames * top_k).view(frames, top_k)
+    past = (torch.arange(frames * top_k) >= limit).unsqueeze(1)
+    src = torch.randn(frames * top_k, dim).masked_fill(past, float("nan"))
+    weights = torch.rand(frames, top_k)
+    limit_t = torch.tensor([limit], dtype=torch.int32)
+    got = ops.gather_sum(src, rows, weights, limit_t)
+    torch.testing.assert_close(got.double(), loop_gather_sum(src.masked_fill(past, 0), rows, weights),
+                               rtol=1e-5, atol=1e-5)
+    grad = torch.randn(frames, dim)
+    row_frames = torch.randint(0, frames, (frames * top_k,))
+    row_weights = torch.rand(frames * top_k)
+    out, dot = ops.scale_rows(grad, row_frames, row_weights, src, limit_t)
+    torch.testing.assert_close(out, row_weights.unsqueeze(1) * grad[row_frames])
+    want = (src.masked_fill(past, 0).double() * grad[row_frames].double()).sum(dim=1)
+    torch.testing.assert_close(dot.double(), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("make_ops", CPU_OPS)
 def test_no_rows(make_ops):
     ops = make_ops()
     src = torch.randn(0, 16)
@@ -64,12 +89,15 @@ def test_no_rows(make_ops):
     assert out.shape == (0, 16) and dot.shape == (0,)
 
 
-def layer_outputs(device, dtype, num_experts, top_k, dim, frames):
+def layer_outputs(device, dtype, num_experts, top_k, dim, frames, static_shapes=False, backend=None):
     """The layer's output and every gradient on a padded batch, from seed 0."""
     torch.manual_seed(0)
     cfg = FeedForwardConfig(type="moe", hidden_units=2 * dim, dropout_rate=0.0,
                             num_experts=num_experts, top_k=top_k)
     moe = MoEFeedForward(dim, cfg).to(device, dtype)
+    moe.static_shapes = static_shapes
+    if backend is not None:
+        moe.experts.backend = backend
     x = torch.randn(3, frames, dim, device=device, dtype=dtype, requires_grad=True)
     valid = torch.arange(frames, device=device)[None] < torch.tensor(
         [[frames], [frames // 2], [1]], device=device)
@@ -85,6 +113,35 @@ def test_layer_with_triton_permute_equals_torch_permute_on_cpu(num_experts, top_
     ref = layer_outputs("cpu", torch.float32, num_experts, top_k, 16, 21)
     monkeypatch.setattr(dispatcher, "permute_ops", lambda x: triton_ops())
     got = layer_outputs("cpu", torch.float32, num_experts, top_k, 16, 21)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+class NaNTailGemm(ReferenceGemm):
+    """The reference products, unrouted rows' outputs NaN: torch._grouped_mm leaves them as it
+    found the memory, which may be anything."""
+
+    @staticmethod
+    def linear(x, w, b, groups):
+        y, saved = ReferenceGemm.linear(x, w, b, groups)
+        return y.index_fill(0, torch.arange(groups.num_routed, y.size(0)), float("nan")), saved
+
+    @staticmethod
+    def input_grad(grad, w, groups):
+        out = ReferenceGemm.input_grad(grad, w, groups)
+        return out.index_fill(0, torch.arange(groups.num_routed, out.size(0)), float("nan"))
+
+
+@pytest.mark.parametrize("make_ops", CPU_OPS)
+@pytest.mark.parametrize("num_experts,top_k", [(4, 1), (8, 2)])
+def test_skipped_padding_equals_removed_padding(make_ops, num_experts, top_k, monkeypatch):
+    """Static shapes (padding kept in place, skipped) give the outputs and gradients of padding
+    removed first, though the experts leave NaN in the unrouted rows."""
+    monkeypatch.setattr(dispatcher, "permute_ops", lambda x: make_ops())
+    monkeypatch.setitem(GEMMS, "nan_tail", NaNTailGemm)
+    ref = layer_outputs("cpu", torch.float32, num_experts, top_k, 16, 21)
+    got = layer_outputs("cpu", torch.float32, num_experts, top_k, 16, 21, static_shapes=True,
+                        backend="nan_tail")
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 

@@ -4,9 +4,10 @@ On a GPU the small presets' steps are bound by the host: thousands of kernels, e
 Python, autograd and launch time, keep an H100 busy 7-8% of a step (docs/RESULTS.md, issue 10).
 A graph replays the encoder's (or a decoder's) whole forward, or backward, in one launch. What a
 graph holds is fixed: tensor shapes and addresses, and no host reads. So the batches come in a
-few fixed shapes (`data.batch.type: bucket`), the MoE layers route padded frames instead of
-removing them (`MoEFeedForward.route_padding`), and each stack keeps one graph pair per shape,
-captured the second time the shape comes (a few tenths of a second) and replayed after that.
+few fixed shapes (`data.batch.type: bucket`), the MoE layers keep padded frames in place,
+skipped, instead of removing them (`MoEFeedForward.static_shapes`), and each stack keeps one
+graph pair per shape, captured the second time the shape comes (a few tenths of a second) and
+replayed after that.
 Everything else of the step (features, embeddings, masks, CTC and attention losses, optimizer,
 and ZeRO's gradient reduction, which runs from the parameters' gradient hooks after the replay)
 stays eager.
@@ -180,7 +181,7 @@ def install(model: nn.Module, max_shapes: int) -> list[GraphedLayers]:
 
     for module in model.modules():
         if isinstance(module, MoEFeedForward):
-            module.route_padding = True
+            module.static_shapes = True
     runners = []
     stacks = [(model.encoder, model.encoder.encoders)]
     for decoder in (model.decoder.left_decoder, model.decoder.right_decoder):

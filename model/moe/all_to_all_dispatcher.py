@@ -107,6 +107,8 @@ class AllToAllTokenDispatcher:
 
     def dispatch(self, x: torch.Tensor, routing: Routing
                  ) -> tuple[torch.Tensor, ExpertGroups, AllToAllState]:
+        if routing.skip is not None:  # the exchange's split sizes are host reads anyway
+            raise ValueError("skipped frames (MoEFeedForward.static_shapes) need expert parallelism 1")
         permuted, local_groups, local_state = self.local.dispatch(x, routing)
         tokens_per_expert = local_groups.counts
         # recv_counts[s, e]: frames rank s sends to this rank's local expert e.

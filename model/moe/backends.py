@@ -35,15 +35,17 @@ BACKEND_CHOICES = ("auto", "reference", "grouped_mm", "triton", "export")
 
 @dataclass
 class ExpertGroups:
-    """Where each expert's rows sit in a permuted batch: rows come expert by expert."""
+    """Where each expert's rows sit in a permuted batch: rows come expert by expert. Rows past
+    the last group (from offsets[-1] on) are unrouted: no expert computes them, and a backend
+    leaves their outputs unspecified (`torch._grouped_mm` does not write them)."""
 
     offsets: torch.Tensor  # [E] int32 group ends, the `offs` of `torch._grouped_mm` and of the Triton kernels
-    row_expert: torch.Tensor  # [M] int64 expert of each row, ascending
+    row_expert: torch.Tensor  # [M] int64 expert of each row, ascending; E for unrouted rows
 
     @classmethod
     def from_sorted(cls, row_expert: torch.Tensor, num_experts: int) -> ExpertGroups:
-        """Groups of rows whose experts `row_expert` are sorted: the ends come from a binary
-        search, without counting passes or host reads."""
+        """Groups of rows whose experts `row_expert` are sorted (id num_experts: unrouted, last):
+        the ends come from a binary search, without counting passes or host reads."""
         experts = torch.arange(num_experts, device=row_expert.device, dtype=row_expert.dtype)
         return cls(torch.searchsorted(row_expert, experts, right=True, out_int32=True), row_expert)
 
@@ -55,6 +57,14 @@ class ExpertGroups:
     @cached_property
     def sizes(self) -> list[int]:
         return self.counts.tolist()  # a host sync on GPU: only the reference backend asks
+
+    @cached_property
+    def num_routed(self) -> int:
+        return sum(self.sizes)
+
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each group's block of rows [M, ...], unrouted rows left out (host sizes)."""
+        return torch.split(rows[:self.num_routed], self.sizes)
 
 
 class GroupedGemm:
@@ -93,18 +103,23 @@ class ReferenceGemm(GroupedGemm):
 
     @staticmethod
     def linear(x, w, b, groups):
-        y = torch.cat([torch.addmm(b[e], xe, w[e]) for e, xe in enumerate(torch.split(x, groups.sizes))])
+        y = _cat_groups([torch.addmm(b[e], xe, w[e]) for e, xe in enumerate(groups.split(x))], x.size(0))
         return y, x
 
     @staticmethod
     def input_grad(grad, w, groups):
-        return torch.cat([ge @ w[e].t() for e, ge in enumerate(torch.split(grad, groups.sizes))])
+        return _cat_groups([ge @ w[e].t() for e, ge in enumerate(groups.split(grad))], grad.size(0))
 
     @staticmethod
     def param_grads(x, grad, groups, in_features):
-        pairs = zip(torch.split(x, groups.sizes), torch.split(grad, groups.sizes))
-        dw, db = zip(*((xe.t() @ ge, ge.sum(0)) for xe, ge in pairs))
+        dw, db = zip(*((xe.t() @ ge, ge.sum(0)) for xe, ge in zip(groups.split(x), groups.split(grad))))
         return torch.stack(dw), torch.stack(db)
+
+
+def _cat_groups(blocks: list[torch.Tensor], rows: int) -> torch.Tensor:
+    """The groups' output blocks as one [rows, N]; unrouted rows (after the groups) zero."""
+    y = torch.cat(blocks)
+    return y if y.size(0) == rows else torch.cat([y, y.new_zeros(rows - y.size(0), y.size(1))])
 
 
 class TorchBiasOps:
@@ -127,8 +142,9 @@ class TorchBiasOps:
 
     @staticmethod
     def add_group_bias_(y: torch.Tensor, b: torch.Tensor, row_expert: torch.Tensor) -> torch.Tensor:
-        """y [M, N] += b[row_expert] (b [E, N]), in place; returns y."""
-        return y.add_(b.index_select(0, row_expert))
+        """y [M, N] += b[row_expert] (b [E, N]; unrouted rows, expert E, get none), in place;
+        returns y."""
+        return y.add_(torch.cat([b, b.new_zeros(1, b.size(1))]).index_select(0, row_expert))
 
 
 def bias_ops(x: torch.Tensor) -> type:

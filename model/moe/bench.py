@@ -75,8 +75,8 @@ def graphed_train_step(module: nn.Module, x: torch.Tensor, call: Callable[[torch
     on a side stream first (Triton's autotuning and cuBLAS's workspaces must not happen inside
     the capture). Every replay writes the gradients afresh (they are the capture's outputs, not
     accumulated into). The call must not read device values on the host: under padding, our
-    layer routes the padded frames (`route_padding`) instead of removing them. grad: the
-    output's gradient (random by default).
+    layer keeps the padded frames in place, skipped (`static_shapes`), instead of removing them.
+    grad: the output's gradient (random by default).
     """
     grad = torch.randn_like(x) if grad is None else grad
     # The capture differentiates a fresh leaf on x's memory: an autograd graph that is still held
@@ -163,12 +163,12 @@ def bench_moe(args: argparse.Namespace) -> dict:
                     time_steps(graphed_train_step(m, x, f), device, args.warmup, args.iters))
                 row["dense_graphed"] = replayed(dense, lambda t: dense(t))
                 row["ideal_graphed"] = args.top_k * row["dense_graphed"]
-                moe.route_padding = True
+                moe.static_shapes = True
                 # A graph holds no host read: the backends that make none.
                 for backend in (b for b in args.backends if b in GEMMS and not GEMMS[b].reads_host):
                     moe.experts.backend = backend
                     row[f"{backend}_graphed"] = replayed(moe, lambda t: moe(t, valid))
-                moe.route_padding = False
+                moe.static_shapes = False
             rows.append(row)
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
                               for k, v in row.items()}), flush=True)
@@ -194,7 +194,7 @@ def _profile(args: argparse.Namespace) -> None:
         module = dense if name == "dense" else moe
         if module is moe:
             moe.experts.backend = name
-        moe.route_padding = graphed
+        moe.static_shapes = graphed
         step = (graphed_train_step if graphed else _train_step)(module, x, lambda t: module(t, valid))
         for _ in range(3):
             step()
@@ -204,7 +204,7 @@ def _profile(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         print(f"--- profile {name}{' graphed' if graphed else ''} (5 steps, T={frames} d={dim} ffn={hidden})")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
-    moe.route_padding = False
+    moe.static_shapes = False
 
 
 def bench_moe_ep(args: argparse.Namespace) -> dict:

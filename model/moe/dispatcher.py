@@ -14,21 +14,29 @@ class TorchPermuteOps:
     the single-pass Triton kernels (`triton_permute.TritonPermuteOps`) used on CUDA."""
 
     @staticmethod
-    def gather_sum(src: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    def gather_sum(src: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor | None,
+                   limit: torch.Tensor | None = None) -> torch.Tensor:
         """src [R, d], rows [N, k] (rows of src), weights [N, k] or None (all ones) -> [N, d]:
-        out[n] = sum over slots j of weights[n, j] * src[rows[n, j]], in slot order."""
+        out[n] = sum over slots j of weights[n, j] * src[rows[n, j]], in slot order. With limit
+        (a one-element tensor), rows from limit on count as zero whatever they hold (unrouted
+        rows, past the experts' groups: never written)."""
         pairs = src.index_select(0, rows.reshape(-1)).view(*rows.shape, src.size(1))
         if weights is not None:
             pairs = pairs * weights.to(src.dtype).unsqueeze(2)
+        if limit is not None:
+            pairs = pairs.masked_fill((rows >= limit).unsqueeze(2), 0)
         return pairs.sum(dim=1)
 
     @staticmethod
     def scale_rows(src: torch.Tensor, frames: torch.Tensor, weights: torch.Tensor,
-                   y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   y: torch.Tensor | None, limit: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """src [N, d], frames / weights [R] -> (out [R, d] = weights * src[frames], and with y
-        [R, d] the fp32 dot products <y[r], src[frames[r]]>)."""
+        [R, d] the fp32 dot products <y[r], src[frames[r]]>, zero from row `limit` on)."""
         g = src.index_select(0, frames)
         dot = None if y is None else (y * g).sum(dim=1).float()
+        if dot is not None and limit is not None:
+            dot = dot.masked_fill(torch.arange(dot.numel(), device=dot.device) >= limit, 0)
         return g * weights.to(src.dtype).unsqueeze(1), dot
 
 
@@ -47,14 +55,14 @@ class _Permute(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        ctx.save_for_backward(state.pair_rows)
+        ctx.save_for_backward(state.pair_rows, state.routed)
         ctx.ops = state.ops
         return x.index_select(0, state.row_frame)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (pair_rows,) = ctx.saved_tensors
-        return ctx.ops.gather_sum(grad, pair_rows, None), None
+        pair_rows, routed = ctx.saved_tensors
+        return ctx.ops.gather_sum(grad, pair_rows, None, routed), None
 
 
 class _Unpermute(torch.autograd.Function):
@@ -62,16 +70,16 @@ class _Unpermute(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, weights: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        ctx.save_for_backward(y, weights, state.order, state.row_frame)
+        ctx.save_for_backward(y, weights, state.order, state.row_frame, state.routed)
         ctx.ops = state.ops
-        return state.ops.gather_sum(y, state.pair_rows, weights)
+        return state.ops.gather_sum(y, state.pair_rows, weights, state.routed)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        y, weights, order, row_frame = ctx.saved_tensors
+        y, weights, order, row_frame, routed = ctx.saved_tensors
         row_weights = weights.reshape(-1).index_select(0, order)
         grad_y, dot = ctx.ops.scale_rows(grad.to(y.dtype), row_frame, row_weights,
-                                         y if ctx.needs_input_grad[1] else None)
+                                         y if ctx.needs_input_grad[1] else None, routed)
         grad_weights = None
         if dot is not None:
             grad_weights = dot.new_empty(dot.shape).index_copy_(0, order, dot).view_as(weights)
@@ -87,6 +95,9 @@ class DispatchState:
     weights: torch.Tensor  # [N, k] router weights
     groups: ExpertGroups  # the permuted rows' groups, over all E (global) experts
     ops: type  # TorchPermuteOps or triton_permute.TritonPermuteOps
+    # [1] int32 rows in the groups, where skipped frames' rows follow them (else None): the
+    # experts write no output there (torch._grouped_mm leaves such rows as it found them).
+    routed: torch.Tensor | None = None
 
 
 class SortedTokenDispatcher:
@@ -104,15 +115,20 @@ class SortedTokenDispatcher:
 
     def dispatch(self, x: torch.Tensor, routing: Routing
                  ) -> tuple[torch.Tensor, ExpertGroups, DispatchState]:
+        """Frames the router skipped (`Routing.skip`: padding kept in the batch for static
+        shapes, CUDA graphs) have expert id E: their rows sort after every group, where the
+        grouped products stop, and the combine reads none of them (output zero). Shapes stay
+        fixed and nothing is read on the host, yet no expert computes padding."""
         ids = routing.expert_ids
         # One-byte keys: CUDA's radix sort makes a pass per key byte, 8 for int64 ids.
-        key_dtype = torch.uint8 if self.num_experts <= 256 else torch.int32
+        key_dtype = torch.uint8 if self.num_experts < 256 else torch.int32
         sorted_ids, order = torch.sort(ids.reshape(-1).to(key_dtype), stable=True)
         groups = ExpertGroups.from_sorted(sorted_ids.long(), self.num_experts)
         pair_rows = torch.empty_like(order).index_copy_(
             0, order, torch.arange(order.numel(), device=order.device)).view(ids.shape)
         state = DispatchState(order, torch.div(order, ids.size(1), rounding_mode="floor"), pair_rows,
-                              routing.weights, groups, permute_ops(x))
+                              routing.weights, groups, permute_ops(x),
+                              None if routing.skip is None else groups.offsets[-1:])
         return _Permute.apply(x, state), groups, state
 
     def combine(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:

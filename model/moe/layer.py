@@ -32,18 +32,18 @@ class MoEFeedForward(nn.Module):
         # `last_tokens_per_expert`), and the weighted balancing loss (None unless enabled).
         self._routed_groups: ExpertGroups | None = None
         self.aux_loss: torch.Tensor | None = None
-        # True: padded frames are routed and computed like real ones, then zeroed, instead of
-        # being removed first: no data-dependent shapes and no host read (`nonzero`), which a
-        # CUDA graph cannot hold (the trainer's train.cuda_graphs sets it). Real frames' outputs
-        # are the same; the experts' load then counts padding too.
-        self.route_padding = False
+        # True: padded frames stay in the batch, skipped by the experts (sorted after every
+        # expert's rows, output zero), instead of being removed first: no data-dependent shapes
+        # and no host read (`nonzero`), which a CUDA graph cannot hold (the trainer's
+        # train.cuda_graphs sets it). The same outputs and gradients.
+        self.static_shapes = False
 
     @property
     def last_tokens_per_expert(self) -> torch.Tensor | None:
         """[E] frames of this rank routed to each (global) expert in the last forward; counted
-        when asked, not in every forward. None under `route_padding`."""
-        # Routing padding (CUDA graphs) keeps the groups of whichever shape was captured last.
-        if self._routed_groups is None or self.route_padding:
+        when asked, not in every forward. None under `static_shapes`."""
+        # Under CUDA graphs these would be the groups of whichever shape was captured last.
+        if self._routed_groups is None or self.static_shapes:
             return None
         return self._routed_groups.counts.detach()
 
@@ -81,15 +81,14 @@ class MoEFeedForward(nn.Module):
     @torch.compiler.disable
     def _forward_dispatch(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         flat = x.reshape(-1, x.size(-1))
-        index = None if self.route_padding else _shared_real_frame_positions(valid)
+        index = None if self.static_shapes else _shared_real_frame_positions(valid)
+        skip = ~valid.reshape(-1) if self.static_shapes and valid is not None else None
         tokens = _real_frames(flat, index)
-        routing = self.router(tokens)
+        routing = self.router(tokens, skip)
         permuted, groups, state = self.dispatcher.dispatch(tokens, routing)
         y = self.dispatcher.combine(self.experts(permuted, groups), state)
         self._routed_groups = state.groups
         self.aux_loss = routing.aux_loss
-        if self.route_padding and valid is not None:
-            return y.view_as(x).masked_fill(~valid.unsqueeze(-1), 0.0)
         return _to_all_frames(y, flat, index).view_as(x)
 
 

@@ -12,9 +12,10 @@ from u2moe.model.moe.backends import triton_kernels_for
 
 @dataclass
 class Routing:
-    expert_ids: torch.Tensor  # [N, k] int64, the chosen experts of each frame
+    expert_ids: torch.Tensor  # [N, k] int64, the chosen experts of each frame; E for skipped frames
     weights: torch.Tensor  # [N, k] float32, softmax over the chosen logits only
     aux_loss: torch.Tensor | None  # weighted load-balancing loss, when enabled
+    skip: torch.Tensor | None = None  # [N] bool, frames no expert computes (their ids are E)
 
 
 def count_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -84,7 +85,9 @@ class TopKRouter(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # nn.Linear's default
 
     @torch.jit.unused  # TorchScript and the exporters route through `select`
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> Routing:
+        """skip [N] (True: route nowhere, expert id E): padding kept in the batch for static
+        shapes; it also stays out of the balancing loss."""
         # Routing decisions are made in fp32 whatever the training precision: in bf16, near-ties
         # between experts flip from step to step and from rank to rank.
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -92,19 +95,29 @@ class TopKRouter(nn.Module):
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
         expert_ids, weights = top_k_softmax(logits, self.top_k)
+        if skip is not None:
+            expert_ids = expert_ids.masked_fill(skip.unsqueeze(1), self.num_experts)
         aux_loss = None
         if self.training and self.aux_loss_weight > 0 and x.size(0) > 0:
-            aux_loss = self.aux_loss_weight * self._load_balancing_loss(logits, expert_ids)
-        return Routing(expert_ids=expert_ids, weights=weights, aux_loss=aux_loss)
+            aux_loss = self.aux_loss_weight * self._load_balancing_loss(logits, expert_ids, skip)
+        return Routing(expert_ids=expert_ids, weights=weights, aux_loss=aux_loss, skip=skip)
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference routing as `forward` does it in eval mode (no noise, no loss), scriptable:
         (expert_ids [N, k], weights [N, k] fp32). Used by the export path (`MoEFeedForward`)."""
         return torch_top_k_softmax(F.linear(x.float(), self.weight.float()), self.top_k)
 
-    def _load_balancing_loss(self, logits: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """Switch-Transformer loss E * sum_i f_i * P_i; equals 1 when the load is uniform."""
-        probs = logits.softmax(dim=-1).mean(dim=0)
+    def _load_balancing_loss(self, logits: torch.Tensor, expert_ids: torch.Tensor,
+                             skip: torch.Tensor | None) -> torch.Tensor:
+        """Switch-Transformer loss E * sum_i f_i * P_i over the routed frames; equals 1 when the
+        load is uniform. Skipped frames' ids (E) match no expert."""
+        probs = logits.softmax(dim=-1)
+        if skip is None:
+            probs, frames = probs.mean(dim=0), expert_ids.size(0)
+        else:
+            kept = (~skip).float()
+            frames = kept.sum().clamp_min(1)  # a tensor: no host read
+            probs = (probs * kept.unsqueeze(1)).sum(dim=0) / frames
         counts = count_per_expert(expert_ids.reshape(-1), self.num_experts)
-        fraction = counts.float() / expert_ids.numel()
+        fraction = counts.float() / (frames * expert_ids.size(1))
         return self.num_experts * (fraction * probs).sum()

@@ -37,13 +37,13 @@ def _widen_weight_kernel(w_ptr, b_ptr, out_ptr, K, N, WIDE_K, BLOCK: tl.constexp
 
 
 @triton.jit
-def _add_group_bias_kernel(y_ptr, b_ptr, expert_ptr, N, stride_y, BLOCK: tl.constexpr):
+def _add_group_bias_kernel(y_ptr, b_ptr, expert_ptr, N, num_experts, stride_y, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     expert = tl.load(expert_ptr + row)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
     y = tl.load(y_ptr + row * stride_y + cols, mask=mask)
-    bias = tl.load(b_ptr + expert * N + cols, mask=mask)
+    bias = tl.load(b_ptr + expert * N + cols, mask=mask & (expert < num_experts), other=0.0)  # E: unrouted
     tl.store(y_ptr + row * stride_y + cols, y + bias, mask=mask)
 
 
@@ -72,10 +72,11 @@ class TritonBiasOps:
 
     @staticmethod
     def add_group_bias_(y: torch.Tensor, b: torch.Tensor, row_expert: torch.Tensor) -> torch.Tensor:
-        """y [M, N] += b[row_expert] (b [E, N]), in place; returns y."""
+        """y [M, N] += b[row_expert] (b [E, N]; unrouted rows, expert E, get none), in place;
+        returns y."""
         rows, n = y.shape
         if rows:
             block, warps = row_block(n)
             _add_group_bias_kernel[(rows, triton.cdiv(n, block))](
-                y, b.contiguous(), row_expert, n, y.stride(0), BLOCK=block, num_warps=warps)
+                y, b.contiguous(), row_expert, n, b.size(0), y.stride(0), BLOCK=block, num_warps=warps)
         return y
