@@ -369,6 +369,13 @@ def test_bench_train_reads_one_epoch_and_steps(corpus, tmp_path):
     assert result["loader_batches"] < 3 + 20
     assert result["live_steps"] == 20 and result["live_audio_s_per_s"] > 0 and result["live_step_ms_mean"] > 0
     assert 0 < result["live_data_wait_frac"] + result["live_in_step_frac"] <= 1
+    # The phases of a step (on the CPU their synchronisation removes no overlap): each ran, the
+    # engine's three hold most of the step, and with the rest they add up to a step's time as
+    # timed without them (another batch of the same size: within a factor of two).
+    phases = [result[f"phase_{p}_ms"] for p in ("forward", "backward", "optimizer")]
+    assert min(phases) > 0 and 0 < result["phase_other_ms"] < sum(phases)
+    assert 0.5 < (sum(phases) + result["phase_other_ms"]) / result["step_ms_mean"] < 2
+    assert result["world_size"] == 1
 
 
 @pytest.mark.parametrize("ds_config", ["zero0_bf16", "zero0_pure_bf16"])

@@ -1,7 +1,7 @@
 """`u2moe bench train`: where a training step's time goes, without the rest of a run.
 
 Builds the trainer exactly as `u2moe train` does (config, DeepSpeed engine, expert parallelism),
-then measures, on one process:
+then measures (on rank 0 of a launched job, see below):
 - the input pipeline alone: one pass over the training shards with the configured workers
   (seconds of audio per second, and the wait for the first batch, which every epoch pays);
 - the training step alone: `Trainer.train_step` on batches read once and kept in memory, so no
@@ -11,10 +11,14 @@ then measures, on one process:
   feeds it (workers decoding beside the step, no synchronisation per step): against the
   in-memory steps, what sharing the host with the data workers costs;
 - host synchronisations per step (CUDA's sync debug mode; each names the line that caused it);
-- with `--profile`, torch.profiler over a few steps: the share of wall time the GPU is busy, and
-  the operators that take the most host and device time.
-A run whose step rate is far above its loader rate is data-bound; a GPU busy far below 100% is
-host-bound (launch overhead, synchronisations).
+- with `--profile`, torch.profiler over a few steps: the GPU's kernel time per step (compute and
+  NCCL apart), and the operators that take the most host and device time; and as many steps
+  timed by phase (forward, backward, optimizer step, each waited for on the device), which shows
+  where ZeRO's gradient reduction and parameter gathering land.
+A run whose step rate is far above its loader rate is data-bound; a step whose kernel time is far
+below its wall time is host-bound (launch overhead, synchronisations).
+Under the deepspeed launcher every rank measures (the collectives keep them in step) and rank 0
+reports: the figures of one card of a multi-GPU job.
 """
 from __future__ import annotations
 
@@ -185,7 +189,44 @@ def count_syncs(trainer: Any, batch: dict[str, Any]) -> dict[str, int]:
                         if "synchroniz" in str(w.message)).most_common())
 
 
-def profile_steps(trainer: Any, batches: list[dict[str, Any]], steps: int, out: Path | None) -> dict[str, Any]:
+def measure_phases(trainer: Any, batches: list[dict[str, Any]], steps: int) -> dict[str, float]:
+    """Milliseconds per step in the engine's forward, backward and optimizer step, the device
+    synchronised around each (so no phase hides in the next one's launches), and in the rest of
+    the step (inputs, fbank on the device, clipping). Slower than an unsynchronised step by the
+    overlap it removes."""
+    device, engine = trainer.info.device, trainer.engine
+    spent: Counter[str] = Counter()
+
+    def timed(phase: str, fn: Any) -> Any:
+        def run_timed(*args: Any, **kwargs: Any) -> Any:
+            _sync(device)
+            started = time.perf_counter()
+            result = fn(*args, **kwargs)
+            _sync(device)
+            spent[phase] += time.perf_counter() - started
+            return result
+        return run_timed
+
+    phases = {"forward": "forward", "backward": "backward", "step": "optimizer"}
+    for method, phase in phases.items():  # instance attributes shadow the engine's methods
+        setattr(engine, method, timed(phase, getattr(engine, method)))
+    try:
+        _sync(device)
+        started = time.perf_counter()
+        for i in range(steps):
+            trainer.train_step(batches[i % len(batches)])
+        _sync(device)
+        wall = time.perf_counter() - started
+    finally:
+        for method in phases:
+            delattr(engine, method)
+    result = {f"phase_{phase}_ms": 1000 * spent[phase] / steps for phase in phases.values()}
+    result["phase_other_ms"] = 1000 * (wall - sum(spent.values())) / steps
+    return result
+
+
+def profile_steps(trainer: Any, batches: list[dict[str, Any]], steps: int, out: Path | None,
+                  tables: bool = True) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     device = trainer.info.device
@@ -202,14 +243,19 @@ def profile_steps(trainer: Any, batches: list[dict[str, Any]], steps: int, out: 
     # Operator calls are what a host-bound step pays for, kernel launches or not (CPU included).
     result["aten_ops_per_step"] = sum(e.count for e in events if e.key.startswith("aten::")) / steps
     if device.type == "cuda":
-        # Kernels of one stream do not overlap: their summed time is the time the GPU was busy.
-        busy_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
-        result["gpu_busy_frac"] = busy_us / 1e6 / wall
-        result["kernels_per_step"] = sum(e.count for e in events if e.device_type.name == "CUDA") / steps
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(events.table(sort_by=sort, row_limit=20))
-    print(events.table(sort_by="self_cpu_time_total", row_limit=20))
-    print(events.table(sort_by="count", row_limit=30))  # where a host-bound step's launches come from
+        kernels = [e for e in events if e.device_type.name == "CUDA"]
+        # NCCL runs on its own stream beside the compute (ZeRO's overlap_comm). The compute
+        # stream's kernels do not overlap each other: their sum is the time it was busy.
+        comm_us = sum(e.self_device_time_total for e in kernels if e.key.startswith("nccl"))
+        compute_us = sum(e.self_device_time_total for e in kernels) - comm_us
+        result["gpu_compute_ms_per_step"] = compute_us / 1000 / steps
+        result["gpu_nccl_ms_per_step"] = comm_us / 1000 / steps
+        result["kernels_per_step"] = sum(e.count for e in kernels) / steps
+    if tables:
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(events.table(sort_by=sort, row_limit=30))
+        print(events.table(sort_by="self_cpu_time_total", row_limit=20))
+        print(events.table(sort_by="count", row_limit=30))  # where a host-bound step's launches come from
     if out is not None:
         prof.export_chrome_trace(str(out.with_suffix(".trace.json")))
     return result
@@ -243,11 +289,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result.update(measure_live_steps(trainer, args.live_steps))
         result["syncs_per_step"] = count_syncs(trainer, batches[0])
         if args.profile:
-            result.update(profile_steps(trainer, batches, args.profile, Path(args.json) if args.json else None))
+            result.update(measure_phases(trainer, batches, args.profile))
+            trace = Path(args.json) if args.json and info.is_main else None
+            result.update(profile_steps(trainer, batches, args.profile, trace, tables=info.is_main))
+            if "gpu_compute_ms_per_step" in result:
+                # Against the unprofiled step: the profiler slows the host, not the kernels.
+                result["gpu_busy_frac"] = result["gpu_compute_ms_per_step"] / result["step_ms_mean"]
         trainer.reporter.close()
-    print(json.dumps(result, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    if info.device.type == "cuda":
+        result["peak_allocated_gb"] = torch.cuda.max_memory_allocated(info.device) / 1e9
+        result["peak_reserved_gb"] = torch.cuda.max_memory_reserved(info.device) / 1e9
+    result["world_size"] = info.world_size
+    if info.is_main:
+        print(json.dumps(result, indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
@@ -260,7 +316,8 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=50, help="training steps timed on in-memory batches")
     p.add_argument("--live-steps", type=int, default=0, metavar="STEPS",
                    help="also time this many steps fed by the running input pipeline")
-    p.add_argument("--profile", type=int, default=0, metavar="STEPS", help="also profile this many steps")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also profile this many steps, and time as many by phase")
     p.add_argument("--utt-seconds", type=float, default=None,
                    help="time the steps on the loader's utterances joined into ones of at least this length "
                         "(e.g. 12, LibriSpeech's mean), batched within the same frame budget")
