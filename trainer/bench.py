@@ -1,7 +1,7 @@
 """`u2moe bench train`: where a training step's time goes, without the rest of a run.
 
 Builds the trainer exactly as `u2moe train` does (config, DeepSpeed engine, expert parallelism),
-then measures (on rank 0 of a launched job, see below):
+then measures (on every rank of a launched job; rank 0 reports, see below):
 - the input pipeline alone: one pass over the training shards with the configured workers
   (seconds of audio per second, and the wait for the first batch, which every epoch pays);
 - the training step alone: `Trainer.train_step` on batches read once and kept in memory, so no
