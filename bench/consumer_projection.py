@@ -11,7 +11,7 @@ bandwidth. The projected step lies between two bounds:
 NCCL kernels are left out (their time is mostly waiting for the peer rank), and with them what a
 consumer card's PCIe link adds to ZeRO's gradient traffic: a projection of compute, not of a node.
 
-  python bench/consumer_projection.py --card rtx4090 \\
+  python -m u2moe.bench.consumer_projection --card rtx4090 \\
       --run moe_1b moe.json moe.trace.json.gz --run dense_225m d225.json d225.trace.json.gz ...
 
 Each --run is a preset's `--json` output and the trace written next to it (from any run of the

@@ -6,7 +6,7 @@ Only top-level operators are counted (those no other ATen operator called), so t
 fallback loop inside `torch._grouped_mm` counts once, as the GPU's single kernel does; views
 (reshape, transpose, select, ...) and allocations are listed apart, since they launch no kernel.
 
-    python bench/moe_op_count.py [--dim 256 --hidden 1024 --experts 8 --top-k 2] [--list]
+    python -m u2moe.bench.moe_op_count [--dim 256 --hidden 1024 --experts 8 --top-k 2] [--list]
 """
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ from collections import Counter
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from ..configs.model import FeedForwardConfig
+from ..model.feed_forward import PositionwiseFeedForward
+from ..model.moe.layer import MoEFeedForward
 
 NO_KERNEL = {"aten::view", "aten::reshape", "aten::unsqueeze", "aten::squeeze", "aten::t", "aten::transpose",
              "aten::expand", "aten::detach", "aten::view_as", "aten::flatten", "aten::_reshape_alias",
@@ -53,9 +57,6 @@ def main() -> None:
     p.add_argument("--list", action="store_true", help="also list the MoE layer's operators")
     args = p.parse_args()
     os.environ["U2MOE_EXPERT_BACKEND"] = "grouped_mm"  # read when the layer is built
-    from u2moe.model.config import FeedForwardConfig
-    from u2moe.model.feed_forward import PositionwiseFeedForward
-    from u2moe.model.moe.layer import MoEFeedForward
 
     torch.manual_seed(0)
     x = torch.randn(8, 100, args.dim, requires_grad=True)

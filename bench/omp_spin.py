@@ -2,7 +2,7 @@
 one small parallel CPU op (past torch's parallel grain) and then works elsewhere for a while, as a
 GPU training process does between two batches' host-side ops.
 
-    python3 bench/omp_spin.py [--threads 1,0] [--gaps-ms 5,20,100] [--elements 40000]
+    python -m u2moe.bench.omp_spin [--threads 1,0] [--gaps-ms 5,20,100] [--elements 40000]
 
 --threads 0 is torch's default (one per core). With more than one thread, the op's pool threads
 spin-wait after each parallel region before they sleep (libgomp), so the process burns cores

@@ -1,7 +1,7 @@
 """Dev-set curves of several training runs in one PNG, from their `metrics.jsonl` or logs.
 
-    python bench/plot_dev_loss.py --out dev_loss.png small_dense=exp/small_dense small_moe=exp/small_moe
-    python bench/plot_dev_loss.py --metric wer --out dev_wer.png ...
+    python -m u2moe.bench.plot_dev_loss --out dev_loss.png small_dense=exp/small_dense small_moe=exp/small_moe
+    python -m u2moe.bench.plot_dev_loss --metric wer --out dev_wer.png ...
 
 Each run is LABEL=PATH, PATH an experiment directory, its metrics.jsonl, or the trainer's log
 (a `.log` file: its "dev step N utts U name value ..." lines, for a run whose metrics.jsonl was not

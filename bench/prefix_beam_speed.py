@@ -1,10 +1,10 @@
-"""Host time of the CTC prefix beam search (model/decoding/ctc_prefix_beam.py), in microseconds
+"""Host time of the CTC prefix beam search (inference/decoding/ctc_prefix_beam.py), in microseconds
 per encoder frame, on synthetic CTC posteriors of two shapes: "peaky" (a trained model's: most
 frames blank, the others one clear unit) and "flat" (an untrained model's, as in `u2moe bench rtf`).
 The search runs on the host in every decode with ctc_prefix_beam or attention_rescoring, streaming
 included, whatever the model's device (docs/decoding.md).
 
-    python bench/prefix_beam_speed.py [--vocab 5000 --frames 300 --utts 10 --beam 10]
+    python -m u2moe.bench.prefix_beam_speed [--vocab 5000 --frames 300 --utts 10 --beam 10]
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from u2moe.model.decoding.ctc_prefix_beam import ctc_prefix_beam_search
+from ..inference.decoding.ctc_prefix_beam import ctc_prefix_beam_search
 
 
 def posteriors(kind: str, utts: int, frames: int, vocab: int, generator: torch.Generator) -> torch.Tensor:

@@ -1,9 +1,9 @@
-"""CPU time of the scripted runtime model (`model/export/torchscript.py: script_model`, what
+"""CPU time of the scripted runtime model (`inference/export/torchscript.py: script_model`, what
 WeNet's C++ runtime loads) per preset, untrained weights, one thread: the full-context `forward`
 on 10 s of fbank frames, and the encoder chunk by chunk through `forward_encoder_chunk` (chunk 16,
 all left chunks) over the same frames. Best of 3 after a warm-up (docs/decoding.md, "Export").
 
-    python bench/runtime_speed.py [--configs dense_225m,moe_1b]
+    python -m u2moe.bench.runtime_speed [--configs dense_225m,moe_1b]
 """
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from typing import Callable
 
 import torch
 
-from u2moe.config import load_config
-from u2moe.model.asr_model import U2Model
-from u2moe.model.export.torchscript import script_model
-from u2moe.model.moe.bench import time_steps
+from ..configs.experiment import load_config
+from ..inference.export.torchscript import script_model
+from ..model.asr_model import U2Model
+from .moe_layer import time_steps
 
 FRAMES = 1000  # 10 s at a 10 ms shift
 CHUNK = 16

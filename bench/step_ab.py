@@ -10,7 +10,7 @@ then the variants take turns, in alternating order, for `--rounds` rounds of `--
 a shared host whose speed drifts by 10-20% within minutes (docs/RESULTS.md), only alternation
 compares like with like. Prints each variant's per-round medians and their median.
 
-    python bench/step_ab.py --config small_dense --variant autocast=ds_configs/zero0_bf16.json \\
+    python -m u2moe.bench.step_ab --config small_dense --variant autocast=ds_configs/zero0_bf16.json \\
         --variant graphs=ds_configs/zero0_pure_bf16.json:train.cuda_graphs=true \\
         --train-shards D/train/shards.list --units D/units --cmvn D/cmvn.json \\
         --set model.vocab_size=256 --set data.device_features=true --set data.batch.type=bucket
@@ -22,6 +22,11 @@ import json
 import statistics
 import tempfile
 from pathlib import Path
+
+from ..configs.experiment import load_config
+from ..trainer.distributed import distributed
+from ..trainer.train import Trainer, TrainPaths
+from .train_step import measure_loader, measure_steps
 
 
 def _variant(text: str) -> tuple[str, str, list[str]]:
@@ -43,10 +48,6 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps", type=int, default=40)
     args = p.parse_args()
-    from u2moe.config import load_config
-    from u2moe.trainer.bench import measure_loader, measure_steps
-    from u2moe.trainer.distributed import distributed
-    from u2moe.trainer.train import Trainer, TrainPaths
 
     with distributed() as info, tempfile.TemporaryDirectory() as exp_dir:
         trainers = {name: Trainer(load_config(args.config, [*args.set, *sets]),

@@ -6,7 +6,7 @@ two warm-up steps. Views and allocations, which launch nothing, are left out. Th
 includes moving the compute weights' gradients (trainer/compute_weights.py). On the CPU the
 optimizer phase is torch's per-parameter AdamW; on a GPU it is one fused kernel.
 
-    python bench/step_op_count.py --config small_dense --ds-config ds_configs/zero0_bf16.json \\
+    python -m u2moe.bench.step_op_count --config small_dense --ds-config ds_configs/zero0_bf16.json \\
         --train-shards D/train/shards.list --units D/units --cmvn D/cmvn.json [--set KEY=VALUE ...]
 """
 from __future__ import annotations
@@ -20,6 +20,11 @@ from typing import Any, Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..configs.experiment import load_config
+from ..trainer.distributed import distributed
+from ..trainer.train import Trainer, TrainPaths
+from .train_step import measure_loader
 
 NO_LAUNCH = {"view", "_unsafe_view", "t", "transpose", "expand", "detach", "unsqueeze", "squeeze", "slice",
              "select", "as_strided", "permute", "alias", "empty", "empty_strided", "_reshape_alias", "split",
@@ -51,10 +56,6 @@ def main() -> None:
         p.add_argument(flag, required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
-    from u2moe.config import load_config
-    from u2moe.trainer.bench import measure_loader
-    from u2moe.trainer.distributed import distributed
-    from u2moe.trainer.train import Trainer, TrainPaths
 
     cfg = load_config(args.config, args.set)
     with distributed() as info, tempfile.TemporaryDirectory() as exp_dir:

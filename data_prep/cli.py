@@ -8,6 +8,14 @@ from __future__ import annotations
 import argparse
 import logging
 
+import yaml
+
+from ..configs.data import DataConfig
+from .cmvn import compute_cmvn
+from .errors import DataPrepError
+from .shard_writer import write_shards
+from .units import train_units
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     prep = subparsers.add_parser("prep", help="prepare data: tar shards, units, CMVN statistics")
@@ -45,8 +53,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(func, *args, **kwargs) -> int:
     """Run a preparation step: user errors print one line and give exit code 2."""
-    from .errors import DataPrepError
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         func(*args, **kwargs)
@@ -57,27 +63,18 @@ def _run(func, *args, **kwargs) -> int:
 
 
 def _shards(args: argparse.Namespace) -> int:
-    from .shard_writer import write_shards
-
     return _run(write_shards, args.data_dir, args.out, utts_per_shard=args.utts_per_shard,
                 jobs=args.jobs, overwrite=args.overwrite, audio_format=args.audio_format)
 
 
 def _units(args: argparse.Namespace) -> int:
-    from .units import train_units
-
     return _run(train_units, args.text, args.out, args.type, vocab_size=args.vocab_size,
                 overwrite=args.overwrite)
 
 
 def _cmvn(args: argparse.Namespace) -> int:
-    from .cmvn import compute_cmvn
-    from .config import DataConfig
-
     cfg = None
     if args.config:
-        import yaml
-
         with open(args.config) as f:
             cfg = DataConfig.from_dict((yaml.safe_load(f) or {}).get("data"), source=args.config)
     return _run(compute_cmvn, args.shards, args.out, cfg, max_utts=args.max_utts, jobs=args.jobs,

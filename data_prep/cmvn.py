@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import BatchConfig, DataConfig, FilterConfig
+from ..configs.data import BatchConfig, DataConfig, FilterConfig
 from .done_marker import PreparedOutput, fingerprint
 from .sample_processor import SampleProcessor
 from .shard_reader import read_shard

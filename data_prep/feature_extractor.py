@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import DataConfig
+from ..configs.data import DataConfig
 from .features import KaldiFbank
 from .specaug import spec_augment
 

@@ -22,7 +22,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from .config import FbankConfig
+from ..configs.data import FbankConfig
 
 # WeNet (and Kaldi) feed fbank 16-bit sample values, not [-1, 1] floats: dither and the energy
 # floor are tuned to that scale, so the features and the CMVN statistics depend on it.

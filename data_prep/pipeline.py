@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..configs.data import DataConfig
 from .batching import bucket_batches, collate, dynamic_batches, shuffle_buffer, sort_buffer, static_batches
-from .config import DataConfig
 from .errors import DataPrepError
 from .features import samples_for_frames
 from .sample_processor import SampleProcessor

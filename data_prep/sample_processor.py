@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..configs.data import DataConfig
 from . import audio
-from .config import DataConfig
 from .features import compute_fbank, num_frames
 from .shard_reader import RawUtterance
 from .specaug import spec_augment

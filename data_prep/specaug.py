@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import SpecAugConfig
+from ..configs.data import SpecAugConfig
 
 
 def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, cfg: SpecAugConfig,

@@ -4,14 +4,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from u2moe.model.cmvn import GlobalCMVN
-from u2moe.model.config import ModelConfig
-from u2moe.model.ctc import CTC
-from u2moe.model.decoder import BiTransformerDecoder
-from u2moe.model.encoder import ConformerEncoder
-from u2moe.model.label_smoothing import LabelSmoothingLoss
-from u2moe.model.moe import MoEFeedForward
-from u2moe.model.targets import add_sos_eos, reverse_padded
+from ..configs.model import ModelConfig
+from .cmvn import GlobalCMVN
+from .ctc import CTC
+from .decoder import BiTransformerDecoder
+from .encoder import ConformerEncoder
+from .label_smoothing import LabelSmoothingLoss
+from .moe import MoEFeedForward
+from .targets import add_sos_eos, reverse_padded
 
 
 class U2Model(nn.Module):

@@ -7,12 +7,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from u2moe.model.attention import additive_mask
-from u2moe.model.autocast import compute_dtype
-from u2moe.model.config import DecoderConfig
-from u2moe.model.decoder_layer import DecoderLayer
-from u2moe.model.embedding import PositionalEncoding
-from u2moe.model.mask import make_non_pad_mask, subsequent_mask
+from ..configs.model import DecoderConfig
+from .attention import additive_mask
+from .autocast import compute_dtype
+from .decoder_layer import DecoderLayer
+from .embedding import PositionalEncoding
+from .mask import make_non_pad_mask, subsequent_mask
 
 
 class TransformerDecoder(nn.Module):

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from u2moe.model.attention import MultiHeadedAttention
-from u2moe.model.config import DecoderConfig
-from u2moe.model.feed_forward import build_feed_forward
+from ..configs.model import DecoderConfig
+from .attention import MultiHeadedAttention
+from .feed_forward import build_feed_forward
 
 
 class DecoderLayer(nn.Module):

@@ -7,12 +7,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from u2moe.model.cmvn import GlobalCMVN
-from u2moe.model.config import EncoderConfig
-from u2moe.model.embedding import RelPositionalEncoding
-from u2moe.model.encoder_layer import ConformerEncoderLayer
-from u2moe.model.mask import attention_mask, choose_chunk, make_non_pad_mask
-from u2moe.model.subsampling import Conv2dSubsampling
+from ..configs.model import EncoderConfig
+from .cmvn import GlobalCMVN
+from .embedding import RelPositionalEncoding
+from .encoder_layer import ConformerEncoderLayer
+from .mask import attention_mask, choose_chunk, make_non_pad_mask
+from .subsampling import Conv2dSubsampling
 
 
 class ConformerEncoder(nn.Module):
@@ -35,7 +35,7 @@ class ConformerEncoder(nn.Module):
     def output_size(self) -> int:
         return self.cfg.output_size
 
-    @torch.jit.unused  # TorchScript export (model/export) scripts forward_chunk only
+    @torch.jit.unused  # TorchScript export (inference/export) scripts forward_chunk only
     def forward(self, xs: torch.Tensor, xs_lens: torch.Tensor, decoding_chunk_size: int = 0,
                 num_decoding_left_chunks: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
         """xs [B, T, F] fbank; returns encoder output [B, T', D] and valid frames [B, T'].

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from u2moe.model.attention import RelPositionMultiHeadedAttention
-from u2moe.model.config import EncoderConfig
-from u2moe.model.convolution import ConvolutionModule
-from u2moe.model.feed_forward import build_feed_forward
+from ..configs.model import EncoderConfig
+from .attention import RelPositionMultiHeadedAttention
+from .convolution import ConvolutionModule
+from .feed_forward import build_feed_forward
 
 
 class ConformerEncoderLayer(nn.Module):

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from u2moe.model.config import FeedForwardConfig
-
-ACTIVATIONS = {"relu": nn.ReLU, "swish": nn.SiLU, "gelu": nn.GELU}
+from ..configs.model import FeedForwardConfig
+from .activation import ACTIVATIONS
+from .moe.layer import MoEFeedForward
 
 
 class PositionwiseFeedForward(nn.Module):
@@ -28,6 +28,5 @@ class PositionwiseFeedForward(nn.Module):
 def build_feed_forward(dim: int, cfg: FeedForwardConfig) -> nn.Module:
     if cfg.type == "dense":
         return PositionwiseFeedForward(dim, cfg.hidden_units, cfg.activation, cfg.dropout_rate)
-    from u2moe.model.moe.layer import MoEFeedForward
 
     return MoEFeedForward(dim, cfg)

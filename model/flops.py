@@ -10,8 +10,8 @@ work), so a padded batch's FLOPs are the sum over its utterances.
 """
 from __future__ import annotations
 
-from u2moe.model.config import FeedForwardConfig, ModelConfig
-from u2moe.model.subsampling import _LAYERS
+from ..configs.model import FeedForwardConfig, ModelConfig
+from .subsampling import _LAYERS
 
 
 def _linear(n_in: int, n_out: int, rows: int) -> int:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from u2moe.model.asr_model import U2Model
-from u2moe.model.config import ModelConfig
+from ..configs.model import ModelConfig
+from .asr_model import U2Model
 
 
 def _numel(module: torch.nn.Module) -> int:

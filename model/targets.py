@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from u2moe.model.label_smoothing import IGNORE_ID
+from .label_smoothing import IGNORE_ID
 
 
 def add_sos_eos(ys: torch.Tensor, ys_lens: torch.Tensor, sos: int, eos: int

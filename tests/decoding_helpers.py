@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from u2moe.config import load_config
+from u2moe.configs.experiment import load_config
 from u2moe.model import U2Model
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from op_counting import OpCalls
 
-from u2moe.config import load_config
+from u2moe.configs.experiment import load_config
 from u2moe.model.attention import MultiHeadedAttention, RelPositionMultiHeadedAttention
 from u2moe.model.convolution import ConvolutionModule
 from u2moe.model.decoder import TransformerDecoder

@@ -7,7 +7,7 @@ import pytest
 import torch
 from op_counting import OpCalls
 from test_trainer import NO_DROPOUT
-from u2moe.config import load_config
+from u2moe.configs.experiment import load_config
 from u2moe.model import U2Model
 from u2moe.trainer.compute_weights import Bf16ComputeWeights
 

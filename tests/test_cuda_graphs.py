@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from test_trainer import NO_DROPOUT
-from u2moe.config import load_config
-from u2moe.dataconf import ConfigError
+from u2moe.configs.experiment import load_config
+from u2moe.configs.loading import ConfigError
 from u2moe.model import U2Model
 from u2moe.trainer.cuda_graphs import install, refuse_unsupported
 

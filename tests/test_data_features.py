@@ -11,7 +11,7 @@ import torchaudio
 from test_data_support import LETTERS, make_kaldi_dir
 from u2moe.data_prep import DataConfig, FeatureExtractor, Tokenizer, build_dataloader
 from u2moe.data_prep.audio import speed_perturb
-from u2moe.data_prep.config import FbankConfig, SpecAugConfig
+from u2moe.configs.data import FbankConfig, SpecAugConfig
 from u2moe.data_prep.features import KaldiFbank, compute_fbank
 from u2moe.data_prep.shard_writer import write_shards
 from u2moe.data_prep.specaug import spec_augment

@@ -15,7 +15,7 @@ from test_data_support import LETTERS, make_kaldi_dir, tone, wav_bytes, write_ta
 from u2moe.data_prep import DataConfig, Tokenizer, build_dataloader
 from u2moe.data_prep.batching import IGNORE_ID, bucket_batches, dynamic_batches
 from u2moe.data_prep.features import KaldiFbank
-from u2moe.dataconf import ConfigError
+from u2moe.configs.loading import ConfigError
 from u2moe.data_prep.sample_processor import Sample
 from u2moe.data_prep.shard_writer import write_shards
 from u2moe.data_prep.errors import DataPrepError

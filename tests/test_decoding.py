@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from decoding_helpers import chirp, tiny_model, units_for
-from u2moe.config import load_config
-from u2moe.model.checkpoint import load_model_file, save_model_file
-from u2moe.model.decoding.attention_beam import attention_beam_search
-from u2moe.model.decoding.ctc_greedy import ctc_greedy_search
-from u2moe.model.decoding.ctc_prefix_beam import CtcPrefixBeamSearch, ctc_prefix_beam_search
-from u2moe.model.decoding.rescoring import attention_rescoring, decoder_scores
-from u2moe.model.decoding.scoring import score
-from u2moe.model.decoding.search import MODES, DecodeOptions, decode_batch
+from u2moe.configs.experiment import load_config
+from u2moe.inference.model_file import load_model_file, save_model_file
+from u2moe.inference.decoding.attention_beam import attention_beam_search
+from u2moe.inference.decoding.ctc_greedy import ctc_greedy_search
+from u2moe.inference.decoding.ctc_prefix_beam import CtcPrefixBeamSearch, ctc_prefix_beam_search
+from u2moe.inference.decoding.rescoring import attention_rescoring, decoder_scores
+from u2moe.inference.decoding.scoring import score
+from u2moe.inference.decoding.search import MODES, DecodeOptions, decode_batch
 
 
 def _collapse(path, blank=0):
@@ -294,9 +294,9 @@ def test_every_mode_decodes_on_the_gpu_in_bf16_and_fp32(chunk, monkeypatch):
 
 
 def test_batch_fbank_is_each_utterance_alone_zero_padded():
-    from u2moe.data_prep.config import DataConfig
+    from u2moe.configs.data import DataConfig
     from u2moe.data_prep.features import compute_fbank
-    from u2moe.model.decoding.data import batch_fbank
+    from u2moe.inference.decoding.data import batch_fbank
 
     cfg = DataConfig()
     g = torch.Generator().manual_seed(4)
@@ -362,8 +362,8 @@ def test_decode_command_writes_hypotheses_and_scores(tmp_path):
 
 
 def _feats_of(data, keys):
-    from u2moe.data_prep.config import DataConfig
-    from u2moe.model.decoding.data import batch_fbank
+    from u2moe.configs.data import DataConfig
+    from u2moe.inference.decoding.data import batch_fbank
 
     waves = [torch.from_numpy(sf.read(data / "audio" / f"{k}.wav", dtype="float32")[0]) for k in keys]
     return batch_fbank(waves, DataConfig())

@@ -1,4 +1,4 @@
-"""Runtime export (model/export): TorchScript with WeNet's entry points and ONNX, dense and MoE,
+"""Runtime export (inference/export): TorchScript with WeNet's entry points and ONNX, dense and MoE,
 equal to the PyTorch model on the same inputs."""
 import importlib.util
 import json
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from decoding_helpers import tiny_model, units_for
-from u2moe.model.checkpoint import save_model_file
-from u2moe.model.export.torchscript import script_model, use_export_experts
+from u2moe.inference.model_file import save_model_file
+from u2moe.inference.export.torchscript import script_model, use_export_experts
 from u2moe.model.moe import MoEFeedForward
-from u2moe.model.streaming import EncoderStream
+from u2moe.inference.streaming import EncoderStream
 from u2moe.model.targets import add_sos_eos, reverse_padded
 
 PRESETS = ["tiny_dense", "tiny_moe"]
@@ -153,7 +153,7 @@ def _model_dict(model):
 def test_onnx_encoder_chunk_ctc_and_decoder_equal_pytorch(preset, tmp_path):
     import onnxruntime as ort
 
-    from u2moe.model.export.onnx import encoder_example, export_onnx
+    from u2moe.inference.export.onnx import encoder_example, export_onnx
 
     model = small(preset)
     chunk, left = 4, 2
@@ -190,7 +190,7 @@ def test_onnx_encoder_chunk_ctc_and_decoder_equal_pytorch(preset, tmp_path):
 
 
 def test_onnx_refuses_unlimited_left_context(tmp_path):
-    from u2moe.model.export.onnx import export_onnx
+    from u2moe.inference.export.onnx import export_onnx
 
     with pytest.raises(ValueError, match="left-chunks"):
         export_onnx(small("tiny_dense"), tmp_path, 4, -1)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from u2moe.config import load_config
+from u2moe.configs.experiment import load_config
 from u2moe.model import U2Model
 from u2moe.model.flops import forward_flops, peak_tflops, training_flops
 

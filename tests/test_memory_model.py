@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from spawn_helpers import send_result, spawn_ranks
-from u2moe.config import load_config
+from u2moe.configs.experiment import load_config
 from u2moe.model.params import count_config_parameters
-from u2moe.trainer.memory import fit_activations, measure_activations, model_states
+from u2moe.bench.memory import fit_activations, measure_activations, model_states
 
 SMALL = ["model.encoder.output_size=64", "model.encoder.attention_heads=2", "model.encoder.num_blocks=2",
          "model.encoder.ffn.hidden_units=96", "model.decoder.attention_heads=2", "model.decoder.ffn.hidden_units=96"]

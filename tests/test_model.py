@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from u2moe.config import load_config, preset_names
-from u2moe.dataconf import ConfigError
+from u2moe.configs.experiment import load_config, preset_names
+from u2moe.configs.loading import ConfigError
 from u2moe.model import U2Model
 from u2moe.model.label_smoothing import LabelSmoothingLoss
 from u2moe.model.params import count_config_parameters
@@ -171,8 +171,8 @@ def _ffn_params(counts, preset):
 def test_every_preset_loads_and_is_complete():
     import yaml
 
-    from u2moe.config import PRESET_DIR
-    from u2moe.dataconf import to_dict
+    from u2moe.configs.experiment import PRESET_DIR
+    from u2moe.configs.loading import to_dict
 
     assert {"dense_225m", "moe_1b", "dense_1b", "tiny_dense", "tiny_moe"} <= set(preset_names())
     for name in preset_names():

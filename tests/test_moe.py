@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from u2moe.model.config import FeedForwardConfig
+from u2moe.configs.model import FeedForwardConfig
 from u2moe.model.moe import MoEFeedForward
 
 
@@ -195,7 +195,7 @@ def test_expert_ffn_matches_direct_composition_and_numerical_gradients(activatio
     included (the generator is reseeded before each evaluation, so the mask repeats)."""
     import torch.nn.functional as F
 
-    from u2moe.model.feed_forward import ACTIVATIONS
+    from u2moe.model.activation import ACTIVATIONS
     from u2moe.model.moe.backends import ExpertGroups, ReferenceGemm
     from u2moe.model.moe.experts import ExpertFFN
 
@@ -225,7 +225,7 @@ def test_compiled_conformer_layer_with_moe_equals_eager():
     Outputs and gradients equal the eager layer's, at two lengths (dynamic shapes)."""
     import copy
 
-    from u2moe.config import load_config
+    from u2moe.configs.experiment import load_config
     from u2moe.model import U2Model
 
     torch.manual_seed(0)
@@ -257,7 +257,7 @@ def test_moe_layers_of_one_forward_share_the_padding_removal():
     each forward's new mask is found anew. Loss and gradients equal a model whose layers each
     find their own."""
     from op_counting import OpCalls
-    from u2moe.config import load_config
+    from u2moe.configs.experiment import load_config
     from u2moe.model import U2Model
     from u2moe.model.moe import layer as moe_layer
 

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from u2moe.model.config import FeedForwardConfig
+from u2moe.configs.model import FeedForwardConfig
 from u2moe.model.moe import MoEFeedForward
 
 CASES = [(1, 1), (2, 1), (4, 2), (8, 1), (8, 2)]
@@ -156,7 +156,7 @@ def test_graphed_bench_step_gives_the_eager_gradients(backend):
     is alive."""
     import copy
 
-    from u2moe.model.moe.bench import graphed_train_step
+    from u2moe.bench.moe_layer import graphed_train_step
 
     torch.manual_seed(0)
     cfg = FeedForwardConfig(type="moe", hidden_units=512, dropout_rate=0.0, num_experts=8, top_k=2)

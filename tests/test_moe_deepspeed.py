@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spawn_helpers import send_result, spawn_ranks
-from u2moe.config import load_config
+from u2moe.configs.experiment import load_config
 from u2moe.model import U2Model
 
 OVERRIDES = ["model.encoder.output_size=64", "model.encoder.attention_heads=2", "model.encoder.num_blocks=2",

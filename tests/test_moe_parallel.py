@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from spawn_helpers import send_result, spawn_ranks
-from u2moe.model.config import FeedForwardConfig
+from u2moe.configs.model import FeedForwardConfig
 from u2moe.model.moe import MoEFeedForward
 from u2moe.model.moe.parallel import (is_expert_key, merge_expert_state_dicts,
                                       shard_expert_state_dict)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from test_moe_backends import gpu, needs_triton_interpreter
 
-from u2moe.model.config import FeedForwardConfig
+from u2moe.configs.model import FeedForwardConfig
 from u2moe.model.moe import MoEFeedForward, dispatcher
 from u2moe.model.moe.backends import GEMMS, ReferenceGemm
 from u2moe.model.moe.dispatcher import TorchPermuteOps

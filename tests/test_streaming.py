@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from decoding_helpers import chirp, tiny_model, units_for
-from u2moe.data_prep.config import DataConfig
-from u2moe.model.decoding.data import batch_fbank
-from u2moe.model.decoding.search import DecodeOptions, decode_batch
-from u2moe.model.streaming import EncoderStream, StreamingRecognizer, encode_chunk_by_chunk
-from u2moe.model.streaming.fbank_stream import FbankStream
+from u2moe.configs.data import DataConfig
+from u2moe.inference.decoding.data import batch_fbank
+from u2moe.inference.decoding.search import DecodeOptions, decode_batch
+from u2moe.inference.streaming import EncoderStream, StreamingRecognizer, encode_chunk_by_chunk
+from u2moe.inference.streaming.fbank_stream import FbankStream
 
 
 @pytest.mark.parametrize("preset", ["tiny_dense", "tiny_moe"])

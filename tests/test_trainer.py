@@ -17,7 +17,7 @@ import torch
 from spawn_helpers import free_port, send_result, spawn_ranks
 from trainer_helpers import (kill_all, prepare_corpus, run, start, train_command, train_losses,
                              wait_for)
-from u2moe.trainer.config import TrainConfig
+from u2moe.configs.train import TrainConfig
 from u2moe.trainer.progress import BlankOutputWatch
 from u2moe.trainer.ds_config import (DeepSpeedConfigError, engine_config, load_ds_config, offloads_to_host, precision,
                                      trainer_clips, trainer_runs_bf16)
@@ -132,9 +132,9 @@ def test_killed_two_process_run_resumes_and_matches_the_uninterrupted_run(corpus
 
 def _check_export(corpus, exp_dir, tmp_path):
     """model.pt from an expert-parallel run, loaded by one process holding all experts."""
-    from u2moe.config import load_config
+    from u2moe.configs.experiment import load_config
     from u2moe.data_prep import Tokenizer, build_dataloader
-    from u2moe.model.checkpoint import load_model_file
+    from u2moe.inference.model_file import load_model_file
     from u2moe.trainer.checkpoint import list_tags, read_fp32_weights
     from u2moe.trainer.export import export_model
 
@@ -157,7 +157,7 @@ def _check_export(corpus, exp_dir, tmp_path):
     cfg = load_config(exp_dir / "train.yaml")
     loader = build_dataloader(corpus["dev"], Tokenizer.load(corpus["units"]), cfg.data, train=False,
                               seed=cfg.train.seed, rank=0, world_size=1)
-    from u2moe.model.decoding.ctc_greedy import ctc_greedy_search
+    from u2moe.inference.decoding.ctc_greedy import ctc_greedy_search
 
     total, utts, empty = 0.0, 0, 0
     with torch.no_grad():
@@ -222,9 +222,9 @@ def test_eight_ranks_with_expert_parallelism_8_through_the_launcher_script(tmp_p
     The exported model.pt, in one process with all 8 experts, gives the dev loss the 8 ranks
     logged at the end of the epoch."""
     from u2moe.data_prep import build_dataloader
-    from u2moe.data_prep.config import DataConfig
+    from u2moe.configs.data import DataConfig
     from u2moe.data_prep.tokenizer import Tokenizer
-    from u2moe.model.checkpoint import load_model_file
+    from u2moe.inference.model_file import load_model_file
     from u2moe.trainer.export import export_model
 
     data = prepare_corpus(tmp_path / "data", train_utts=48, utts_per_shard=6)  # one shard per rank
@@ -302,10 +302,10 @@ def test_stitched_batches_join_utterances_in_order(waves):
     """`u2moe bench train --utt-seconds`: utterances joined in order, audio and transcripts, into
     ones of at least the asked length, batched within the frame budget."""
     from u2moe.data_prep.batching import collate
-    from u2moe.data_prep.config import BatchConfig, DataConfig
+    from u2moe.configs.data import BatchConfig, DataConfig
     from u2moe.data_prep.features import num_frames
     from u2moe.data_prep.sample_processor import Sample
-    from u2moe.trainer.bench import stitch_batches
+    from u2moe.bench.train_step import stitch_batches
 
     data = DataConfig(batch=BatchConfig(type="dynamic", max_frames_in_batch=4000))
     gen = torch.Generator().manual_seed(0)
@@ -383,7 +383,7 @@ def test_zero0_bf16_resumes_exactly_and_keeps_fp32_weights(corpus, tmp_path, ds_
     """No ZeRO, bf16 (ds_configs/zero0_bf16.json: torch.autocast; zero0_pure_bf16.json: the
     whole model in bf16, run by the trainer): a run stopped at step 2 and resumed matches the
     straight run's losses; weights and exported model stay fp32."""
-    from u2moe.model.checkpoint import load_model_file
+    from u2moe.inference.model_file import load_model_file
     from u2moe.trainer.export import export_model
 
     extra = ["train.save_interval=2", "train.max_epochs=5", "train.expert_parallel_size=1"]
@@ -447,7 +447,7 @@ def test_gpu_memory_cap_refuses_allocations_past_it():
 
 
 def test_host_threads_are_limited_on_a_gpu_only():
-    from u2moe.dataconf import ConfigError
+    from u2moe.configs.loading import ConfigError
     from u2moe.trainer.distributed import limit_host_threads
 
     default = torch.get_num_threads()
@@ -505,7 +505,7 @@ def test_a_diverged_run_is_not_checkpointed(corpus, tmp_path, ds_config):
 def test_compiled_layers_train_like_eager_ones(corpus, tmp_path):
     """train.compile: the same losses as the eager model (dropout off: compiled dropout draws
     its own random numbers), and checkpoints that load into an eager model."""
-    from u2moe.model.checkpoint import load_model_file
+    from u2moe.inference.model_file import load_model_file
     from u2moe.trainer.export import export_model
 
     extra = [*NO_DROPOUT, "train.max_steps=3", "train.save_interval=3", "train.expert_parallel_size=1"]
@@ -552,7 +552,7 @@ def test_cuda_graphs_train_like_eager_layers(corpus, tmp_path, preset, gpus, ds_
 def _one_process_trainer_inputs(port, corpus, exp_dir, ds_config, sets=()):
     """Config and paths of a one-process tiny_moe trainer without dropout, in a spawned process."""
     from trainer_helpers import TINY
-    from u2moe.config import load_config
+    from u2moe.configs.experiment import load_config
     from u2moe.trainer.train import TrainPaths
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_PORT=str(port))

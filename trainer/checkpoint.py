@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from u2moe.dataconf import ConfigError
-from u2moe.model.moe.parallel import is_expert_key, merge_expert_state_dicts
+from ..configs.loading import ConfigError
+from ..model.moe.parallel import is_expert_key, merge_expert_state_dicts
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 

@@ -5,12 +5,13 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..configs.experiment import load_config
+from .distributed import cap_gpu_memory, distributed
+from .export import export_model
+from .train import TrainPaths, run_training
+
 
 def _train(args: argparse.Namespace) -> int:
-    from u2moe.config import load_config
-    from u2moe.trainer.distributed import cap_gpu_memory, distributed
-    from u2moe.trainer.train import TrainPaths, run_training
-
     cfg = load_config(args.config, args.set)  # before any process group: bad keys fail fast
     with distributed() as info:
         cap_gpu_memory(info.device, args.max_gpu_memory_gb)
@@ -23,8 +24,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from u2moe.trainer.export import export_model
-
     used = export_model(Path(args.exp_dir), Path(args.out), args.average, args.tag)
     print(f"wrote {args.out} from {', '.join(used)}")
     return 0

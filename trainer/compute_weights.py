@@ -28,8 +28,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from u2moe.model.moe.experts import GroupedExperts
-from u2moe.model.moe.router import TopKRouter
+from ..model.moe.experts import GroupedExperts
+from ..model.moe.router import TopKRouter
 
 # Modules whose weights autocast runs in bf16 (the router's gate is a bare parameter, in fp32).
 _LOWERED = (nn.Linear, nn.Conv1d, nn.Conv2d, GroupedExperts)

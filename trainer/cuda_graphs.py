@@ -29,7 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from u2moe.dataconf import ConfigError
+from ..configs.loading import ConfigError
+from ..model.moe import MoEFeedForward
+from ..model.moe.backends import GEMMS, backend_override, select_backend
+from .ds_config import autocast_dtype, precision
 
 RunLayers = Callable[..., torch.Tensor]
 
@@ -177,7 +180,6 @@ class GraphedLayers:
 def install(model: nn.Module, max_shapes: int) -> list[GraphedLayers]:
     """Graph the encoder's and each decoder's layers (training only) and make the MoE layers route
     padding. Returns the runners (their capture counts are the run's to report)."""
-    from u2moe.model.moe import MoEFeedForward
 
     for module in model.modules():
         if isinstance(module, MoEFeedForward):
@@ -195,7 +197,6 @@ def install(model: nn.Module, max_shapes: int) -> list[GraphedLayers]:
 
 def refuse_unsupported(cfg: Any, ds_cfg: dict[str, Any], ds_path: str | Path, info: Any) -> None:
     """Start-up check of what `train.cuda_graphs` needs: a ConfigError naming each unmet condition."""
-    from u2moe.trainer.ds_config import autocast_dtype
 
     unmet = []
     if info.device.type != "cuda":
@@ -215,8 +216,6 @@ def refuse_unsupported(cfg: Any, ds_cfg: dict[str, Any], ds_path: str | Path, in
         unmet.append(f"expert parallelism 1, not {cfg.train.expert_parallel_size} (the experts' all-to-all "
                      "exchanges its split sizes through the host)")
     if moe_ffns and info.device.type == "cuda":
-        from u2moe.model.moe.backends import GEMMS, backend_override, select_backend
-        from u2moe.trainer.ds_config import precision
 
         dtype = torch.bfloat16 if precision(ds_cfg) == "bf16" else torch.float32
         dim = cfg.model.encoder.output_size  # the decoder's too

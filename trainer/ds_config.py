@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from u2moe.dataconf import ConfigError
-from u2moe.trainer.config import TrainConfig
+from ..configs.loading import ConfigError
+from ..configs.train import TrainConfig
 
 # JSON key -> where it lives instead.
 YAML_OWNED = {

@@ -7,8 +7,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from u2moe.dataconf import ConfigError
-from u2moe.trainer.checkpoint import list_tags, read_fp32_weights
+from ..configs.experiment import ExperimentConfig
+from ..configs.loading import ConfigError, from_dict
+from ..data_prep.tokenizer import read_units
+from ..inference.model_file import save_model_file
+from ..model import U2Model
+from .checkpoint import list_tags, read_fp32_weights
 
 
 def average_weights(tag_dirs: list[Path]) -> dict[str, torch.Tensor]:
@@ -23,11 +27,6 @@ def average_weights(tag_dirs: list[Path]) -> dict[str, torch.Tensor]:
 def export_model(exp_dir: Path, out: Path, average: int = 1, tag: str | None = None) -> list[str]:
     """Write `out` from the `average` checkpoints of `exp_dir` ending at `tag` (default: the
     newest); returns the tags used."""
-    from u2moe.config import ExperimentConfig
-    from u2moe.dataconf import from_dict
-    from u2moe.data_prep.tokenizer import read_units
-    from u2moe.model import U2Model
-    from u2moe.model.checkpoint import save_model_file
 
     ckpt_root = exp_dir / "checkpoints"
     tags = list_tags(ckpt_root)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from u2moe.model.moe.parallel import moe_optimizer_param_groups
-from u2moe.trainer.config import OptimConfig
+from ..configs.train import OptimConfig
+from ..model.moe.parallel import moe_optimizer_param_groups
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -15,12 +15,37 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from u2moe.config import ExperimentConfig
-from u2moe.data_prep.errors import DataPrepError
-from u2moe.dataconf import ConfigError, to_dict
-from u2moe.trainer.checkpoint import load_latest, save_checkpoint
-from u2moe.trainer.distributed import DistInfo, limit_host_threads
-from u2moe.trainer.progress import BlankOutputWatch, Reporter, ThroughputMeter, dev_line, gpu_memory_gb
+from ..configs.experiment import ExperimentConfig
+from ..configs.loading import ConfigError, to_dict
+from ..data_prep import FeatureExtractor, Tokenizer, build_dataloader
+from ..data_prep.errors import DataPrepError
+from ..data_prep.features import num_frames
+from ..inference.decoding.ctc_greedy import ctc_greedy_search
+from ..inference.decoding.scoring import score
+from ..inference.model_file import load_model_file
+from ..model import U2Model
+from ..model.cmvn import GlobalCMVN, load_cmvn
+from ..model.flops import peak_tflops, training_flops
+from ..model.moe.all_to_all_dispatcher import ALL_TO_ALL_TIMER
+from ..model.moe.parallel import enable_expert_parallel
+from .checkpoint import load_latest, save_checkpoint
+from .clipping import GradClipper
+from .compute_weights import Bf16ComputeWeights
+from .cuda_graphs import install as install_cuda_graphs
+from .cuda_graphs import refuse_unsupported as refuse_cuda_graphs
+from .distributed import DistInfo, limit_host_threads
+from .ds_config import (
+    autocast_dtype,
+    engine_config,
+    load_ds_config,
+    offloads_to_host,
+    precision,
+    trainer_clips,
+    trainer_runs_bf16,
+)
+from .optim import build_optimizer
+from .progress import BlankOutputWatch, Reporter, ThroughputMeter, dev_line, gpu_memory_gb
+from .scheduler import warmup_lr
 
 logger = logging.getLogger("u2moe.train")
 
@@ -58,20 +83,6 @@ class Trainer:
     def __init__(self, cfg: ExperimentConfig, paths: TrainPaths, info: DistInfo,
                  max_minutes: float | None = None):
         import deepspeed
-
-        from u2moe.data_prep import FeatureExtractor, Tokenizer
-        from u2moe.model import U2Model
-        from u2moe.model.cmvn import GlobalCMVN, load_cmvn
-        from u2moe.model.moe.parallel import enable_expert_parallel
-        from u2moe.model.flops import peak_tflops
-        from u2moe.trainer.clipping import GradClipper
-        from u2moe.trainer.compute_weights import Bf16ComputeWeights
-        from u2moe.trainer.cuda_graphs import install as install_cuda_graphs
-        from u2moe.trainer.cuda_graphs import refuse_unsupported as refuse_cuda_graphs
-        from u2moe.trainer.ds_config import (autocast_dtype, engine_config, load_ds_config, offloads_to_host,
-                                             precision, trainer_clips, trainer_runs_bf16)
-        from u2moe.trainer.optim import build_optimizer
-        from u2moe.trainer.scheduler import warmup_lr
 
         self.cfg, self.paths, self.info = cfg, paths, info
         self.max_minutes = max_minutes
@@ -145,16 +156,12 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- set-up
     def _warm_start(self, model: torch.nn.Module, path: str) -> None:
-        from u2moe.model.checkpoint import load_model_file
-
         source, _, _ = load_model_file(path)
         missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
         if missing or unexpected:
             raise ConfigError(f"{path}: does not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})")
 
     def _loader(self, shards: str, train: bool):
-        from u2moe.data_prep import build_dataloader
-
         t = self.cfg.train
         return build_dataloader(shards, self.tokenizer, self.cfg.data, train=train, seed=t.seed,
                                 rank=self.info.rank, world_size=self.info.world_size,
@@ -197,14 +204,12 @@ class Trainer:
         """Under expert parallelism, the time the expert all-to-alls take (for the log)."""
         if self.cfg.train.expert_parallel_size == 1 or not self.model.moe_layers():
             return None
-        from u2moe.model.moe.all_to_all_dispatcher import ALL_TO_ALL_TIMER
 
         ALL_TO_ALL_TIMER.enabled = True
         return ALL_TO_ALL_TIMER.take
 
     def batch_frames(self, batch: dict[str, Any]) -> list[int]:
         """Fbank frames of each utterance, from the batch's host-side lengths (no device read)."""
-        from u2moe.data_prep.features import num_frames
 
         if "feats_lengths" in batch:
             return batch["feats_lengths"].tolist()
@@ -213,7 +218,6 @@ class Trainer:
 
     def batch_flops(self, batch: dict[str, Any]) -> int:
         """Model FLOPs of a training step on this batch."""
-        from u2moe.model.flops import training_flops
 
         return training_flops(self.cfg.model, self.batch_frames(batch), batch["target_lengths"].tolist())
 
@@ -386,8 +390,6 @@ class Trainer:
         Ranks run forward passes in lock-step (expert all-to-all), so a rank whose dev data is
         exhausted keeps stepping on a placeholder batch, with zero weight, until every rank is done.
         """
-        from u2moe.model.decoding.ctc_greedy import ctc_greedy_search
-        from u2moe.model.decoding.scoring import score
 
         self.engine.eval()
         model = self.engine.module

@@ -1,3 +1,3 @@
-from u2moe.cli import main
+from .cli import main
 
 main()

@@ -1,29 +1,21 @@
 """The `u2moe` command line: one entry point, one subcommand per job.
 
-Each subsystem owns its subcommands in its own `cli.py` and registers them here, so that
-`u2moe --help` stays fast (heavy imports happen inside the handlers). Benchmarks share one
-`u2moe bench` group: their modules register under it with `register_bench`.
+Each layer owns its subcommands in its own `cli.py` (data_prep, inference, trainer, bench) and
+registers them here; this module is the top of the import graph.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-# Modules whose `register(subparsers)` adds top-level commands.
-_REGISTRARS = [
-    "u2moe.model.cli",
-    "u2moe.data_prep.cli",
-    "u2moe.trainer.cli",
-    "u2moe.demo",
-]
-# Modules whose `register_bench(subparsers)` adds `u2moe bench ...` commands.
-_BENCH_REGISTRARS: list[str] = [
-    "u2moe.model.decoding.rtf",
-    "u2moe.model.moe.bench",
-    "u2moe.trainer.bench",
-    "u2moe.trainer.memory",
-]
+from . import demo
+from .bench import cli as bench_cli
+from .configs.loading import ConfigError
+from .data_prep import cli as data_prep_cli
+from .data_prep.errors import DataPrepError
+from .inference import cli as inference_cli
+from .model.attention import avoid_per_shape_attention_plans
+from .trainer import cli as trainer_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,21 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     # environment is what the trainer reads.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in _REGISTRARS:
-        importlib.import_module(module).register(sub)
-    if _BENCH_REGISTRARS:
-        bench = sub.add_parser("bench", help="benchmarks (RTF, MoE layer, memory model)")
-        bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
-        for module in _BENCH_REGISTRARS:
-            importlib.import_module(module).register_bench(bench_sub)
+    for module in (inference_cli, data_prep_cli, trainer_cli, demo, bench_cli):
+        module.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    from u2moe.data_prep.errors import DataPrepError
-    from u2moe.dataconf import ConfigError
-    from u2moe.model.attention import avoid_per_shape_attention_plans
-
     args = build_parser().parse_args(argv)
     avoid_per_shape_attention_plans()
     try:

@@ -24,6 +24,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .data_prep.cmvn import compute_cmvn
+from .data_prep.shard_writer import write_shards
+from .data_prep.stats import DataStats
+from .data_prep.tokenizer import Tokenizer
+from .data_prep.units import train_units
+from .demo_corpus import CorpusError, CorpusSpec, generate
+from .inference.decoding.data import batch_fbank, decoding_data_config, read_utterances
+from .inference.decoding.search import DecodeOptions, decode_batch
+from .inference.model_file import load_model_file
+from .trainer.checkpoint import list_tags
+
 MODES = ("ctc_greedy", "ctc_prefix_beam", "attention", "attention_rescoring")
 
 # The demo's changes to the tiny_moe preset: learn fast on clean synthetic speech.
@@ -132,8 +143,6 @@ def _ds_config(path: Path, gpu: bool) -> Path:
 
 # ------------------------------------------------------------------------------------- stages
 def stage_corpus(demo: Demo) -> dict[str, Path]:
-    from u2moe.demo_corpus import CorpusSpec, generate
-
     a = demo.args
     demo.banner(1, "corpus", "sentences spoken by espeak-ng (several voices, rates, pitches)")
     t0 = time.monotonic()
@@ -148,10 +157,6 @@ def stage_corpus(demo: Demo) -> dict[str, Path]:
 
 
 def stage_prep(demo: Demo, dirs: dict[str, Path]) -> dict[str, Path]:
-    from u2moe.data_prep.cmvn import compute_cmvn
-    from u2moe.data_prep.shard_writer import write_shards
-    from u2moe.data_prep.units import train_units
-
     demo.banner(2, "prep", f"u2moe prep shards / units ({demo.args.units}) / cmvn")
     t0 = time.monotonic()
     import logging
@@ -179,8 +184,6 @@ def _show_train_line(line: str) -> bool:
 
 
 def stage_train(demo: Demo, data: dict[str, Path]) -> dict:
-    from u2moe.data_prep.tokenizer import Tokenizer
-
     a = demo.args
     nproc, gpu = _devices()
     if a.nproc:
@@ -225,8 +228,6 @@ def stage_train(demo: Demo, data: dict[str, Path]) -> dict:
 
 
 def _train_summary(exp: Path) -> dict:
-    from u2moe.trainer.checkpoint import list_tags
-
     tags = list_tags(exp / "checkpoints")
     steps = int(tags[-1].split("_")[-1]) if tags else 0
     dev = {}
@@ -243,8 +244,6 @@ def _train_summary(exp: Path) -> dict:
 
 
 def stage_export(demo: Demo) -> Path:
-    from u2moe.trainer.checkpoint import list_tags
-
     demo.banner(4, "export", "u2moe export (average of the last checkpoints)")
     t0 = time.monotonic()
     exp = demo.work / "exp"
@@ -277,11 +276,6 @@ def measure_rtf(model_path: Path, shards: Path, max_utts: int) -> dict:
     """Per mode: (fbank + encoder + search) wall time / audio duration, batch 1, 1 CPU thread."""
     import torch
     from tqdm import tqdm
-
-    from u2moe.data_prep.stats import DataStats
-    from u2moe.model.checkpoint import load_model_file
-    from u2moe.model.decoding.data import batch_fbank, decoding_data_config, read_utterances
-    from u2moe.model.decoding.search import DecodeOptions, decode_batch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -329,8 +323,6 @@ def print_summary(demo: Demo, train: dict, report: dict) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from u2moe.demo_corpus import CorpusError
-
     if args.tiny_test and not args.max_steps:
         args.max_steps = 4
     work = Path(args.work_dir).resolve()

@@ -9,6 +9,6 @@
 - `layer.MoEFeedForward`: the drop-in replacement for a dense FFN, padding-aware.
 - `parallel`: expert parallelism under DeepSpeed ZeRO-1/2, and checkpoint layout conversion.
 """
-from u2moe.model.moe.layer import MoEFeedForward
+from .layer import MoEFeedForward
 
 __all__ = ["MoEFeedForward"]

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from u2moe.model.moe.backends import ExpertGroups
-from u2moe.model.moe.dispatcher import DispatchState, SortedTokenDispatcher
-from u2moe.model.moe.router import Routing
+from .backends import ExpertGroups
+from .dispatcher import DispatchState, SortedTokenDispatcher
+from .router import Routing
 
 
 class AllToAllTimer:

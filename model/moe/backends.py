@@ -19,6 +19,9 @@ from typing import Literal
 
 import torch
 
+from .triton_bias import TritonBiasOps
+from .triton_grouped_gemm import grouped_rows, weight_grad
+
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -150,8 +153,6 @@ class TorchBiasOps:
 def bias_ops(x: torch.Tensor) -> type:
     """`triton_bias.TritonBiasOps` where `triton_kernels_for(x)`, `TorchBiasOps` otherwise."""
     if triton_kernels_for(x):
-        from u2moe.model.moe.triton_bias import TritonBiasOps
-
         return TritonBiasOps
     return TorchBiasOps
 
@@ -200,20 +201,14 @@ class TritonGemm(GroupedGemm):
 
     @staticmethod
     def linear(x, w, b, groups):
-        from u2moe.model.moe.triton_grouped_gemm import grouped_rows
-
         return grouped_rows(x, w, b, groups.offsets, transpose_w=False), x
 
     @staticmethod
     def input_grad(grad, w, groups):
-        from u2moe.model.moe.triton_grouped_gemm import grouped_rows
-
         return grouped_rows(grad, w, None, groups.offsets, transpose_w=True)
 
     @staticmethod
     def param_grads(x, grad, groups, in_features):
-        from u2moe.model.moe.triton_grouped_gemm import weight_grad
-
         return weight_grad(x, grad, groups.offsets)
 
 

@@ -5,8 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
-from u2moe.model.moe.backends import ExpertGroups, triton_kernels_for
-from u2moe.model.moe.router import Routing
+from .backends import ExpertGroups, triton_kernels_for
+from .router import Routing
+from .triton_permute import TritonPermuteOps
 
 
 class TorchPermuteOps:
@@ -43,8 +44,6 @@ class TorchPermuteOps:
 def permute_ops(x: torch.Tensor) -> type:
     """`triton_permute.TritonPermuteOps` where `triton_kernels_for(x)`, `TorchPermuteOps` otherwise."""
     if triton_kernels_for(x):
-        from u2moe.model.moe.triton_permute import TritonPermuteOps
-
         return TritonPermuteOps
     return TorchPermuteOps
 

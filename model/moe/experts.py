@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from u2moe.model.feed_forward import ACTIVATIONS
-from u2moe.model.autocast import compute_dtype
-from u2moe.model.moe.backends import GEMMS, ExpertGroups, GroupedGemm, backend_override, select_backend
+from ..activation import ACTIVATIONS
+from ..autocast import compute_dtype
+from .backends import GEMMS, ExpertGroups, GroupedGemm, backend_override, select_backend
 
 # Each activation as a function, and its backward from its input as autograd computes it.
 _ACTIVATION_FNS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor],

@@ -5,12 +5,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from u2moe.model.config import FeedForwardConfig
-from u2moe.model.moe.all_to_all_dispatcher import AllToAllTokenDispatcher
-from u2moe.model.moe.backends import ExpertGroups
-from u2moe.model.moe.dispatcher import SortedTokenDispatcher
-from u2moe.model.moe.experts import GroupedExperts
-from u2moe.model.moe.router import TopKRouter
+from ...configs.model import FeedForwardConfig
+from .all_to_all_dispatcher import AllToAllTokenDispatcher
+from .backends import ExpertGroups
+from .dispatcher import SortedTokenDispatcher
+from .experts import GroupedExperts
+from .router import TopKRouter
 
 
 class MoEFeedForward(nn.Module):

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from u2moe.model.moe.layer import MoEFeedForward
+from .layer import MoEFeedForward
 
 _EXPERT_KEY = re.compile(r"(^|\.)experts\.(w1|b1|w2|b2)$")
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from u2moe.model.moe.backends import triton_kernels_for
+from .backends import triton_kernels_for
+from .triton_router import TritonTopKSoftmax
 
 
 @dataclass
@@ -36,8 +37,6 @@ def torch_top_k_softmax(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor,
 def top_k_softmax(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`torch_top_k_softmax`, as one Triton kernel each way where `triton_kernels_for(logits)`."""
     if triton_kernels_for(logits):
-        from u2moe.model.moe.triton_router import TritonTopKSoftmax
-
         return TritonTopKSoftmax.apply(logits, top_k)
     return torch_top_k_softmax(logits, top_k)
 

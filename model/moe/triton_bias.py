@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from u2moe.model.moe.triton_permute import row_block
+from .triton_permute import row_block
 
 
 @triton.jit

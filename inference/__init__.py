@@ -1,0 +1,1 @@
+"""Using a trained model: the model file, decoding, streaming recognition and runtime export."""

@@ -1,5 +1,0 @@
-"""Streaming recognition: chunk-by-chunk encoding with caches, and a real-time recognizer."""
-from u2moe.model.streaming.encoder_stream import ChunkGeometry, EncoderStream, encode_chunk_by_chunk
-from u2moe.model.streaming.recognizer import StreamingRecognizer
-
-__all__ = ["ChunkGeometry", "EncoderStream", "encode_chunk_by_chunk", "StreamingRecognizer"]
