@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from u2moe.dataconf import ConfigError
-from u2moe.trainer.checkpoint import list_tags, read_fp32_weights
+from u2moe.trainer.checkpoint import read_fp32_weights, usable_tags
 
 
 def average_weights(tag_dirs: list[Path]) -> dict[str, torch.Tensor]:
@@ -30,7 +30,7 @@ def export_model(exp_dir: Path, out: Path, average: int = 1, tag: str | None = N
     from u2moe.model.checkpoint import save_model_file
 
     ckpt_root = exp_dir / "checkpoints"
-    tags = list_tags(ckpt_root)
+    tags = usable_tags(ckpt_root)
     if not tags:
         raise ConfigError(f"{ckpt_root}: no complete checkpoint to export")
     if tag is not None:

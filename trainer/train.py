@@ -218,7 +218,7 @@ class Trainer:
         return training_flops(self.cfg.model, self.batch_frames(batch), batch["target_lengths"].tolist())
 
     def _client_state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "config": to_dict(self.cfg)}
+        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
 
     def _last_grad_norm(self) -> float | None:
         """The last optimizer step's gradient norm (the trainer's or ZeRO's), None before the first."""
@@ -238,14 +238,17 @@ class Trainer:
         self.last_saved_step = self.engine.global_steps
         with self._paused():
             save_checkpoint(self.engine, self.ckpt_root, self.engine.global_steps, self._client_state(),
-                            self.cfg.train.expert_parallel_size, self.cfg.train.keep_checkpoints)
+                            to_dict(self.cfg), self.cfg.train.keep_checkpoints)
         self.reporter.line(f"checkpoint {self.ckpt_root} step {self.engine.global_steps}")
 
     def resume(self) -> None:
-        state = load_latest(self.engine, self.ckpt_root, self.cfg.train.expert_parallel_size)
+        state = load_latest(self.engine, self.ckpt_root, to_dict(self.cfg))
         if state is None:
             return
         self.epoch, self.batches_in_epoch = state["epoch"], state["batches_in_epoch"]
+        # Its checkpoint is on disk: an epoch end at this same step does not write it again (a
+        # rank killed while rewriting it would leave this step without any complete checkpoint).
+        self.last_saved_step = self.engine.global_steps
         self.reporter.line(f"resumed from step {self.engine.global_steps} (epoch {self.epoch}, "
                            f"{self.batches_in_epoch} batches into it)")
 
