@@ -158,3 +158,41 @@ def test_deepspeeds_own_loads_refuse_code(tmp_path):
     with pytest.raises(ConfigError, match="mp_rank_00_model_states.pt: refused"):
         files.load(str(tmp_path / "mp_rank_00_model_states.pt"), map_location="cpu")
     assert not marker.exists()
+
+
+def test_start_up_errors_leave_the_exp_dir_as_it_was(corpus, one_rank, tmp_path):
+    from u2moe.trainer.export import export_model
+
+    exp = _copy(one_rank[0], tmp_path)
+    before = {p: p.read_bytes() for p in exp.rglob("*") if p.is_file()}
+    cmd = train_command(corpus, exp, nproc=1, extra=[*one_rank[1], "train.max_steps=2"])
+    missing = tmp_path / "missing"
+    for flag in ("--units", "--cmvn", "--train-shards"):
+        bad = list(cmd)
+        bad[bad.index(flag) + 1] = str(missing)
+        line = _refusal(subprocess.run(bad, capture_output=True, text=True, timeout=300, env=child_env()))
+        assert flag in line and str(missing) in line
+    # Another model on resume: refused with the differing key named.
+    line = _refusal(subprocess.run(cmd + ["--set", "model.encoder.num_blocks=3"], capture_output=True,
+                                   text=True, timeout=300, env=child_env()))
+    assert "model.encoder.num_blocks: 2 -> 3" in line
+    assert {p: p.read_bytes() for p in exp.rglob("*") if p.is_file()} == before
+    assert export_model(exp, tmp_path / "model.pt") == ["step_00000001"]
+
+
+def test_a_raw_pickle_given_as_a_model_is_one_line_and_runs_nothing(tmp_path):
+    import pickle
+
+    marker = tmp_path / "ran"
+    raw, saved = tmp_path / "raw.pt", tmp_path / "saved.pt"
+    raw.write_bytes(pickle.dumps({"format": "u2moe-model-v1", "state": Payload(marker)}))
+    torch.save({"format": "u2moe-model-v1", "state": Payload(marker)}, saved)
+    (tmp_path / "wav.scp").write_text("")
+    (tmp_path / "text").write_text("")
+    for model in (raw, saved):
+        for args in (["decode", "--model", str(model), "--data-dir", str(tmp_path), "--out", str(tmp_path / "dec")],
+                     ["export-runtime", "--model", str(model), "--out", str(tmp_path / "rt")]):
+            proc = subprocess.run([sys.executable, "-m", "u2moe", *args], capture_output=True, text=True,
+                                  env=child_env())
+            assert str(model) in _refusal(proc)
+    assert not marker.exists()

@@ -35,6 +35,17 @@ class TrainPaths:
     ds_config: str
     init_model: str | None = None
 
+    def check(self) -> None:
+        """Refuse a missing input, naming it, before anything is written or built."""
+        inputs = [("--train-shards", Path(self.train_shards)), ("--dev-shards", Path(self.dev_shards)),
+                  ("--units", Path(self.units) / "units.txt"), ("--cmvn", Path(self.cmvn)),
+                  ("--ds-config", Path(self.ds_config))]
+        if self.init_model:
+            inputs.append(("--init-model", Path(self.init_model)))
+        for flag, path in inputs:
+            if not path.is_file():
+                raise ConfigError(f"{flag}: {path}: no such file")
+
 
 def _reduce_flag(flag: bool, device: torch.device, op: Any) -> bool:
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -90,7 +101,11 @@ class Trainer:
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision(ds_cfg)]
         self.autocast = autocast_dtype(ds_cfg)  # DeepSpeed applies it in training; evaluate() too
         torch.manual_seed(cfg.train.seed)
-        model = U2Model(cfg.model, GlobalCMVN(*load_cmvn(paths.cmvn)))
+        try:
+            cmvn = GlobalCMVN(*load_cmvn(paths.cmvn))
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        model = U2Model(cfg.model, cmvn)
         if paths.init_model:
             self._warm_start(model, paths.init_model)
         expert_group = None
@@ -458,10 +473,13 @@ def run_training(cfg: ExperimentConfig, paths: TrainPaths, info: DistInfo, max_s
                  max_minutes: float | None = None) -> None:
     if max_steps is not None:
         cfg.train.max_steps = max_steps
+    # Every check (inputs, config, the checkpoint to resume) before anything is written: a refused
+    # start leaves the exp dir as it was, and its checkpoints exportable.
+    paths.check()
+    trainer = Trainer(cfg, paths, info, max_minutes)
+    trainer.resume()
     paths.exp_dir.mkdir(parents=True, exist_ok=True)
     if info.is_main:
         (paths.exp_dir / "train.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (paths.exp_dir / "paths.json").write_text(json.dumps({k: str(v) for k, v in vars(paths).items()}, indent=1))
-    trainer = Trainer(cfg, paths, info, max_minutes)
-    trainer.resume()
     trainer.train()
