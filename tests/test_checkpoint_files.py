@@ -196,3 +196,22 @@ def test_a_raw_pickle_given_as_a_model_is_one_line_and_runs_nothing(tmp_path):
                                   env=child_env())
             assert str(model) in _refusal(proc)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("args", [["--max-steps", "-5"], ["--max-steps", "0"], ["--max-minutes", "-1"],
+                                  ["--max-gpu-memory-gb", "0"]])
+def test_limits_that_end_a_run_before_it_starts_are_refused(tmp_path, args):
+    placeholders = [arg for flag in ("--config", "--ds-config", "--train-shards", "--dev-shards", "--units",
+                                     "--cmvn", "--exp-dir") for arg in (flag, str(tmp_path / "x"))]
+    proc = subprocess.run([sys.executable, "-m", "u2moe", "train", *placeholders, *args],
+                          capture_output=True, text=True, env=child_env())
+    assert proc.returncode == 2 and f"argument {args[0]}: must be > 0" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_expert_parallelism_that_does_not_divide_the_experts_is_refused(corpus, tmp_path):
+    cmd = train_command(corpus, tmp_path / "exp", nproc=1, extra=["train.expert_parallel_size=2",
+                                                                  "model.encoder.ffn.num_experts=3"])
+    line = _refusal(subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env()))
+    assert "train.expert_parallel_size=2 does not divide model.encoder.ffn.num_experts=3" in line
+    assert not (tmp_path / "exp").exists()

@@ -112,9 +112,14 @@ class Trainer:
         if model.moe_layers():
             # After the warm start: the full model's experts are sliced for this rank here, so a
             # model.pt from any expert-parallel size starts any other.
-            if info.world_size % cfg.train.expert_parallel_size:
-                raise ConfigError(f"train.expert_parallel_size={cfg.train.expert_parallel_size} does not "
-                                  f"divide the world size {info.world_size}")
+            ep = cfg.train.expert_parallel_size
+            for part in ("encoder", "decoder"):
+                ffn = getattr(cfg.model, part).ffn
+                if ffn.type == "moe" and ffn.num_experts % ep:
+                    raise ConfigError(f"train.expert_parallel_size={ep} does not divide model.{part}.ffn.num_experts="
+                                      f"{ffn.num_experts}: each rank holds the same number of experts")
+            if info.world_size % ep:
+                raise ConfigError(f"train.expert_parallel_size={ep} does not divide the world size {info.world_size}")
             from deepspeed.utils import groups
 
             expert_group = groups._get_expert_parallel_group(
