@@ -6,13 +6,15 @@ to decode: the config rebuilds the architecture, the units turn ids into text.
 """
 from __future__ import annotations
 
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..configs.experiment import ExperimentConfig
-from ..configs.loading import from_dict, to_dict
+from ..configs.loading import ConfigError, from_dict, to_dict
 from ..model.asr_model import U2Model
 
 FORMAT = "u2moe-model-v1"
@@ -33,28 +35,34 @@ def save_model_file(path: str | Path, model: U2Model, experiment_config: Any,
 
 
 def load_model_file(path: str | Path) -> tuple[U2Model, dict[str, Any], list[str]]:
-    """(model in eval mode on CPU, experiment config dict, units); errors name the file and key."""
+    """(model in eval mode on CPU, experiment config dict, units); errors (ConfigError: the user's
+    file) name the file and key."""
 
     path = Path(path)
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise ConfigError(f"{path}: not a {FORMAT} model file (not a torch.save archive)")
     try:
         blob = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # Its pickle names code to call: refused unread (torch's message spans lines).
+        raise ConfigError(f"{path}: not a {FORMAT} model file: torch.load(weights_only=True) refused it") from err
     except (OSError, RuntimeError, EOFError) as err:
-        raise ValueError(f"{path}: cannot read model file ({err})") from err
+        raise ConfigError(f"{path}: cannot read model file ({err})") from err
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
-        raise ValueError(f"{path}: not a {FORMAT} model file (format: {found!r})")
+        raise ConfigError(f"{path}: not a {FORMAT} model file (format: {found!r})")
     for key in ("config", "state_dict", "units"):
         if key not in blob:
-            raise ValueError(f"{path}: missing key '{key}'")
+            raise ConfigError(f"{path}: missing key '{key}'")
     config = blob["config"]
     # Only the model section is needed to decode; other sections (trainer, data) may be newer.
     model_cfg = from_dict(ExperimentConfig, {"model": config.get("model", {})}, source=f"{path}:config").model
     units = list(blob["units"])
     if len(units) != model_cfg.vocab_size:
-        raise ValueError(f"{path}: 'units' has {len(units)} entries, config vocab_size={model_cfg.vocab_size}")
+        raise ConfigError(f"{path}: 'units' has {len(units)} entries, config vocab_size={model_cfg.vocab_size}")
     model = U2Model(model_cfg)
     missing, unexpected = model.load_state_dict(blob["state_dict"], strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path}: 'state_dict' does not fit the config (missing {missing[:5]}, "
+        raise ConfigError(f"{path}: 'state_dict' does not fit the config (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]})")
     return model.eval(), config, units

@@ -50,17 +50,21 @@ def train_command(data: dict, exp_dir: Path, *, nproc: int, ds_config: str = "ze
     return cmd
 
 
+def child_env() -> dict[str, str]:
+    """A launched run's environment: one thread per process, and a free port (a one-process run
+    would otherwise take the default 29500, which runs of concurrent test sessions share)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+
+
 def run(cmd: list[str], timeout: float, log: Path) -> subprocess.CompletedProcess:
     with log.open("w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, env=child_env())
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{log.read_text()[-4000:]}"
     return proc
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=child_env())
 
 
 def _descendants(pid: int) -> list[int]:

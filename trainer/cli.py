@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from ..configs.experiment import load_config
@@ -29,6 +30,17 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive(convert: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse type: `convert`ed, and refused unless > 0 (a limit of 0 or -5 steps or minutes
+    would end the run before it starts, and exit 0 as if it had trained)."""
+    def parse(text: str) -> float:
+        value = convert(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
 def add_model_and_data_arguments(p: argparse.ArgumentParser) -> None:
     """What builds a trainer: shared by `u2moe train` and `u2moe bench train`."""
     p.add_argument("--config", required=True, help="preset name or experiment yaml")
@@ -38,7 +50,7 @@ def add_model_and_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cmvn", required=True, help="global CMVN JSON (u2moe prep cmvn)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. optim.lr=5e-4 (repeatable)")
-    p.add_argument("--max-gpu-memory-gb", type=float, default=None,
+    p.add_argument("--max-gpu-memory-gb", type=positive(float), default=None,
                    help="cap each process's GPU memory at this many GiB (e.g. 24 to try a consumer-card recipe)")
 
 
@@ -47,8 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_and_data_arguments(p)
     p.add_argument("--dev-shards", required=True, help="shards.list of the dev set")
     p.add_argument("--exp-dir", required=True, help="run directory: config, checkpoints, TensorBoard")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--max-minutes", type=float, default=None,
+    p.add_argument("--max-steps", type=positive(int), default=None, help="stop after this many optimizer steps")
+    p.add_argument("--max-minutes", type=positive(float), default=None,
                    help="stop (and checkpoint) after this many minutes of training in this invocation, "
                         "evaluation and checkpoints excluded")
     p.add_argument("--init-model", default=None, help="warm start from an exported model.pt")
@@ -57,6 +69,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="consolidate checkpoints into one fp32 model.pt")
     p.add_argument("--exp-dir", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--average", type=int, default=1, help="average the last N checkpoints")
+    p.add_argument("--average", type=positive(int), default=1, help="average the last N checkpoints")
     p.add_argument("--tag", default=None, help="export (or end the average at) this checkpoint, e.g. step_00005000")
     p.set_defaults(handler=_export)

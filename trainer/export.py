@@ -12,7 +12,7 @@ from ..configs.loading import ConfigError, from_dict
 from ..data_prep.tokenizer import read_units
 from ..inference.model_file import save_model_file
 from ..model import U2Model
-from .checkpoint import list_tags, read_fp32_weights
+from .checkpoint import read_fp32_weights, usable_tags
 
 
 def average_weights(tag_dirs: list[Path]) -> dict[str, torch.Tensor]:
@@ -29,7 +29,7 @@ def export_model(exp_dir: Path, out: Path, average: int = 1, tag: str | None = N
     newest); returns the tags used."""
 
     ckpt_root = exp_dir / "checkpoints"
-    tags = list_tags(ckpt_root)
+    tags = usable_tags(ckpt_root)
     if not tags:
         raise ConfigError(f"{ckpt_root}: no complete checkpoint to export")
     if tag is not None:

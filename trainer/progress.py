@@ -146,16 +146,17 @@ class Reporter:
 
     def __init__(self, exp_dir: Path, enabled: bool):
         self.enabled = enabled
+        self.exp_dir = exp_dir
         self.writer = None
         self.jsonl = exp_dir / "metrics.jsonl"
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(exp_dir / "tensorboard"))
 
     def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
-        if self.writer is None:
+        if not self.enabled:
             return
+        if self.writer is None:  # on the first report: nothing is written before training starts
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.exp_dir / "tensorboard"))
         for name, value in values.items():
             self.writer.add_scalar(f"{prefix}/{name}", value, step)
         with self.jsonl.open("a") as f:

@@ -60,6 +60,17 @@ class TrainPaths:
     ds_config: str
     init_model: str | None = None
 
+    def check(self) -> None:
+        """Refuse a missing input, naming it, before anything is written or built."""
+        inputs = [("--train-shards", Path(self.train_shards)), ("--dev-shards", Path(self.dev_shards)),
+                  ("--units", Path(self.units) / "units.txt"), ("--cmvn", Path(self.cmvn)),
+                  ("--ds-config", Path(self.ds_config))]
+        if self.init_model:
+            inputs.append(("--init-model", Path(self.init_model)))
+        for flag, path in inputs:
+            if not path.is_file():
+                raise ConfigError(f"{flag}: {path}: no such file")
+
 
 def _reduce_flag(flag: bool, device: torch.device, op: Any) -> bool:
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -101,16 +112,25 @@ class Trainer:
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision(ds_cfg)]
         self.autocast = autocast_dtype(ds_cfg)  # DeepSpeed applies it in training; evaluate() too
         torch.manual_seed(cfg.train.seed)
-        model = U2Model(cfg.model, GlobalCMVN(*load_cmvn(paths.cmvn)))
+        try:
+            cmvn = GlobalCMVN(*load_cmvn(paths.cmvn))
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        model = U2Model(cfg.model, cmvn)
         if paths.init_model:
             self._warm_start(model, paths.init_model)
         expert_group = None
         if model.moe_layers():
             # After the warm start: the full model's experts are sliced for this rank here, so a
             # model.pt from any expert-parallel size starts any other.
-            if info.world_size % cfg.train.expert_parallel_size:
-                raise ConfigError(f"train.expert_parallel_size={cfg.train.expert_parallel_size} does not "
-                                  f"divide the world size {info.world_size}")
+            ep = cfg.train.expert_parallel_size
+            for part in ("encoder", "decoder"):
+                ffn = getattr(cfg.model, part).ffn
+                if ffn.type == "moe" and ffn.num_experts % ep:
+                    raise ConfigError(f"train.expert_parallel_size={ep} does not divide model.{part}.ffn.num_experts="
+                                      f"{ffn.num_experts}: each rank holds the same number of experts")
+            if info.world_size % ep:
+                raise ConfigError(f"train.expert_parallel_size={ep} does not divide the world size {info.world_size}")
             from deepspeed.utils import groups
 
             expert_group = groups._get_expert_parallel_group(
@@ -222,7 +242,7 @@ class Trainer:
         return training_flops(self.cfg.model, self.batch_frames(batch), batch["target_lengths"].tolist())
 
     def _client_state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "config": to_dict(self.cfg)}
+        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
 
     def _last_grad_norm(self) -> float | None:
         """The last optimizer step's gradient norm (the trainer's or ZeRO's), None before the first."""
@@ -242,14 +262,17 @@ class Trainer:
         self.last_saved_step = self.engine.global_steps
         with self._paused():
             save_checkpoint(self.engine, self.ckpt_root, self.engine.global_steps, self._client_state(),
-                            self.cfg.train.expert_parallel_size, self.cfg.train.keep_checkpoints)
+                            to_dict(self.cfg), self.cfg.train.keep_checkpoints)
         self.reporter.line(f"checkpoint {self.ckpt_root} step {self.engine.global_steps}")
 
     def resume(self) -> None:
-        state = load_latest(self.engine, self.ckpt_root, self.cfg.train.expert_parallel_size)
+        state = load_latest(self.engine, self.ckpt_root, to_dict(self.cfg))
         if state is None:
             return
         self.epoch, self.batches_in_epoch = state["epoch"], state["batches_in_epoch"]
+        # Its checkpoint is on disk: an epoch end at this same step does not write it again (a
+        # rank killed while rewriting it would leave this step without any complete checkpoint).
+        self.last_saved_step = self.engine.global_steps
         self.reporter.line(f"resumed from step {self.engine.global_steps} (epoch {self.epoch}, "
                            f"{self.batches_in_epoch} batches into it)")
 
@@ -457,10 +480,13 @@ def run_training(cfg: ExperimentConfig, paths: TrainPaths, info: DistInfo, max_s
                  max_minutes: float | None = None) -> None:
     if max_steps is not None:
         cfg.train.max_steps = max_steps
+    # Every check (inputs, config, the checkpoint to resume) before anything is written: a refused
+    # start leaves the exp dir as it was, and its checkpoints exportable.
+    paths.check()
+    trainer = Trainer(cfg, paths, info, max_minutes)
+    trainer.resume()
     paths.exp_dir.mkdir(parents=True, exist_ok=True)
     if info.is_main:
         (paths.exp_dir / "train.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (paths.exp_dir / "paths.json").write_text(json.dumps({k: str(v) for k, v in vars(paths).items()}, indent=1))
-    trainer = Trainer(cfg, paths, info, max_minutes)
-    trainer.resume()
     trainer.train()
