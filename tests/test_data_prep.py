@@ -194,6 +194,23 @@ def test_u2moe_command_runs_prep_end_to_end(tmp_path):
     assert done.returncode == 2 and "missing" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("bad_key", ["../../x", "/etc/x", "a\\b", ".."])
+def test_shards_refuse_keys_that_are_paths(tmp_path, caplog, bad_key):
+    """Keys become tar member names: one naming a path is refused by file and line, nothing written."""
+    data_dir, utts = make_kaldi_dir(tmp_path / "corpus", count=3)
+    first = sorted(utts)[1]
+    for name in ("wav.scp", "text"):
+        table = data_dir / name
+        table.write_text(table.read_text(encoding="utf-8").replace(f"{first} ", f"{bad_key} ", 1), encoding="utf-8")
+    out = tmp_path / "shards"
+    with caplog.at_level("ERROR"):
+        assert run_prep(["prep", "shards", "--data-dir", str(data_dir), "--out", str(out)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0]
+    assert errors[0].startswith(f"{data_dir / 'wav.scp'}:2: key {bad_key!r}")
+    assert not out.exists() or not list(out.glob("*.tar"))
+
+
 def test_shards_reencoded_to_flac_or_wav_hold_the_decoded_original(tmp_path):
     data_dir, utts = make_kaldi_dir(tmp_path / "corpus", count=4)
     out = tmp_path / "flac"
