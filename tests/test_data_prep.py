@@ -15,7 +15,8 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from test_data_support import make_kaldi_dir, read_kaldi_table, run_prep, shared_corpus, tone, wav_bytes
+from test_data_support import (make_kaldi_dir, read_kaldi_table, run_prep, shared_corpus, tone, wav_bytes,
+                               write_tar)
 from u2moe.data_prep.errors import DataPrepError
 from u2moe.data_prep.shard_writer import write_shards
 from u2moe.data_prep.tokenizer import Tokenizer
@@ -178,6 +179,21 @@ def test_cmvn_matches_direct_numpy_computation(tmp_path):
     x = np.concatenate(feats)
     np.testing.assert_allclose(mean.numpy(), x.mean(0), rtol=1e-5)
     np.testing.assert_allclose(istd.numpy(), 1 / x.std(0), rtol=1e-4)
+
+
+def test_cmvn_summary_counts_the_utterances_used_beside_the_skipped(tmp_path, caplog):
+    data_dir, utts = make_kaldi_dir(tmp_path / "corpus", count=3)
+    write_shards(data_dir, tmp_path / "shards", utts_per_shard=2)
+    shard_list = tmp_path / "shards" / "shards.list"
+    bad = write_tar(tmp_path / "bad.tar", [("broken.wav", b"RIFF not audio"), ("broken.txt", b"A")])
+    shard_list.write_text(shard_list.read_text() + f"{bad}\n")
+    with caplog.at_level("WARNING"):
+        assert run_prep(["prep", "cmvn", "--shards", str(shard_list), "--out", str(tmp_path / "cmvn.json")]) == 0
+    hours = sum(d for _, d, _ in utts.values()) / 3600
+    summaries = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cmvn input:")]
+    assert len(summaries) == 1
+    lines = summaries[0].splitlines()
+    assert lines[:2] == [f"cmvn input: 3 utterances ({hours:.3f} h); skipped 1", "  skipped audio_undecodable: 1"]
 
 
 def test_u2moe_command_runs_prep_end_to_end(tmp_path):
