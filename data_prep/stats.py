@@ -22,6 +22,7 @@ SKIP_KINDS = (
     "empty_transcript",
     "bad_transcript",        # not UTF-8
     "audio_undecodable",
+    "audio_truncated",       # shorter than its container declares, or its decoder failed part way
     "too_short",             # length / token filters from FilterConfig
     "too_long",
     "too_few_tokens",

@@ -11,7 +11,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from test_data_support import LETTERS, make_kaldi_dir, tone, wav_bytes, write_tar
+from test_data_support import LETTERS, make_kaldi_dir, read_kaldi_table, shared_corpus, tone, wav_bytes, write_tar
 from u2moe.data_prep import DataConfig, Tokenizer, build_dataloader
 from u2moe.data_prep.batching import IGNORE_ID, bucket_batches, dynamic_batches
 from u2moe.data_prep.features import KaldiFbank
@@ -227,6 +227,27 @@ def test_damaged_input_is_skipped_counted_and_reported(tmp_path, letters, caplog
     # The per-epoch summary names the kinds, shards and keys.
     summary = "\n".join(r.getMessage() for r in caplog.records if "data epoch" in r.getMessage())
     assert "tar_corrupt: 1" in summary and "truncated.tar [t2]" in summary and "shard_unreadable: 3" in summary
+
+
+def test_truncated_audio_is_skipped_and_counted(tmp_path, letters):
+    """Opus, FLAC and WAV cut to half their bytes are skipped as audio_truncated; whole ones are kept."""
+    opus = shared_corpus("synth-en") / read_kaldi_table(shared_corpus("synth-en") / "dev" / "wav.scp").popitem()[1]
+    whole = {"opus": opus.read_bytes()}
+    samples, rate = sf.read(opus, dtype="int16")
+    whole["flac"] = wav_bytes(samples, rate, "FLAC")
+    whole["wav"] = wav_bytes(samples, rate)
+    members = []
+    for ext, data in whole.items():
+        members += [(f"whole_{ext}.{ext}", data), (f"whole_{ext}.txt", b"WHOLE"),
+                    (f"cut_{ext}.{ext}", data[: len(data) // 2]), (f"cut_{ext}.txt", b"CUT")]
+    loader = build_dataloader([str(write_tar(tmp_path / "cut.tar", members))], letters, DataConfig(), train=False)
+    batches = _collect(loader)
+    frames = {k: int(n) for b in batches for k, n in zip(b["keys"], b["feats_lengths"])}
+    assert set(frames) == {f"whole_{ext}" for ext in whole}
+    assert len(set(frames.values())) == 1  # all three hold the whole utterance
+    stats = loader.epoch_stats
+    assert dict(stats.counts) == {"audio_truncated": 3} and stats.skipped == 3
+    assert {key for _, key, _ in stats.examples["audio_truncated"]} == {f"cut_{ext}" for ext in whole}
 
 
 def test_dynamic_batches_never_exceed_the_budget():

@@ -210,6 +210,18 @@ def test_u2moe_command_runs_prep_end_to_end(tmp_path):
     assert done.returncode == 2 and "missing" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_shards_skip_truncated_audio(tmp_path):
+    data_dir, utts = make_kaldi_dir(tmp_path / "corpus", count=3)
+    cut = sorted(utts)[1]
+    path = utts[cut][2]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    summary = write_shards(data_dir, tmp_path / "shards")
+    assert summary["skipped"] == {"audio_truncated": 1} and summary["utterances"] == 2
+    assert summary["skipped_examples"][0][:2] == [cut, "audio_truncated"]
+    names = _tar_members(tmp_path / "shards" / "shard-000000.tar")
+    assert {n.rsplit(".", 1)[0] for n in names} == set(utts) - {cut}
+
+
 @pytest.mark.parametrize("bad_key", ["../../x", "/etc/x", "a\\b", ".."])
 def test_shards_refuse_keys_that_are_paths(tmp_path, caplog, bad_key):
     """Keys become tar member names: one naming a path is refused by file and line, nothing written."""
