@@ -202,6 +202,13 @@ def test_uneven_shards_end_the_epoch_on_every_rank(tmp_path):
     assert len(list((tmp_path / "exp" / "checkpoints").glob("step_*"))) == 1
     records = train_losses(tmp_path / "exp")
     assert records and all(math.isfinite(r["loss"]) for r in records.values())
+    # The share of each epoch's utterances that the rank with data to spare did not train on.
+    rows = [json.loads(line) for line in (tmp_path / "exp" / "metrics.jsonl").read_text().splitlines()]
+    left_out = [r for r in rows if r["split"] == "epoch_data"]
+    assert [(r["epoch"], r["utterances"]) for r in left_out] == [(0, 52), (1, 52)]
+    for r in left_out:
+        assert 0 <= r["left_out"] < 52 and r["left_out_share"] == pytest.approx(r["left_out"] / 52)
+        assert f"epoch {r['epoch']}: {r['left_out']} of 52 utterances" in log
 
 
 def test_launcher_script_runs_without_a_deepspeed_script_on_path(tmp_path):

@@ -278,6 +278,7 @@ class Trainer:
                 batch = next(batches, None)
                 waited = time.perf_counter() - waited
                 if not every_rank(batch is not None, self.info.device):
+                    self._report_left_out(loader, batches, batch)
                     break
                 stepped = time.perf_counter()
                 out, boundary = self.train_step(batch)
@@ -322,6 +323,23 @@ class Trainer:
                            "checkpoints excluded)")
         self.reporter.scalars("run", run, self.engine.global_steps)
         self.reporter.close()
+
+    def _report_left_out(self, loader: Any, batches: Iterator[dict[str, Any]], batch: dict[str, Any] | None) -> None:
+        """Ranks end an epoch together when the first runs out of batches: read what this rank
+        still holds to the end, and log the share of the epoch's utterances no rank trained on."""
+        left = 0
+        while batch is not None:
+            left += len(batch["keys"])
+            batch = next(batches, None)
+        counts = torch.tensor([loader.epoch_stats.utterances, left], dtype=torch.float64, device=self.info.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts)
+        total, left = (int(n) for n in counts.tolist())
+        share = left / max(total, 1)
+        self.reporter.line(f"epoch {self.epoch}: {left} of {total} utterances ({100 * share:.1f}%) left out: "
+                           "ranks end an epoch when the first runs out of data")
+        self.reporter.scalars("epoch_data", {"epoch": self.epoch, "utterances": total, "left_out": left,
+                                             "left_out_share": share}, self.engine.global_steps)
 
     def _log(self, step: int, meter: ThroughputMeter, load_sum: torch.Tensor | None) -> None:
         stats = meter.report()
