@@ -10,9 +10,10 @@ def _train(args: argparse.Namespace) -> int:
     from u2moe.config import load_config
     from u2moe.trainer.distributed import cap_gpu_memory, distributed
     from u2moe.trainer.train import TrainPaths, run_training
+    from u2moe.trainer.watchdog import process_group_timeout
 
     cfg = load_config(args.config, args.set)  # before any process group: bad keys fail fast
-    with distributed() as info:
+    with distributed(process_group_timeout(cfg.train.watchdog_seconds)) as info:
         cap_gpu_memory(info.device, args.max_gpu_memory_gb)
         logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                             format=f"%(asctime)s [rank {info.rank}] %(message)s")

@@ -21,6 +21,7 @@ from u2moe.dataconf import ConfigError, to_dict
 from u2moe.trainer.checkpoint import load_latest, save_checkpoint
 from u2moe.trainer.distributed import DistInfo, limit_host_threads
 from u2moe.trainer.progress import BlankOutputWatch, Reporter, ThroughputMeter, dev_line, gpu_memory_gb
+from u2moe.trainer.watchdog import StepWatchdog
 
 logger = logging.getLogger("u2moe.train")
 
@@ -136,6 +137,10 @@ class Trainer:
         self.ckpt_root = paths.exp_dir / "checkpoints"
         self.reporter = Reporter(paths.exp_dir, info.is_main)
         self.blank_watch = BlankOutputWatch(cfg.optim.warmup_steps)
+        # Entered around resume and training (run_training); beaten at every step, evaluation
+        # batch and checkpoint.
+        self.watchdog = StepWatchdog(paths.exp_dir / "heartbeats", info.rank, info.world_size,
+                                     cfg.train.watchdog_seconds)
         self.epoch = 0
         self.batches_in_epoch = 0
         self.last_saved_step = -1
@@ -239,6 +244,7 @@ class Trainer:
         with self._paused():
             save_checkpoint(self.engine, self.ckpt_root, self.engine.global_steps, self._client_state(),
                             self.cfg.train.expert_parallel_size, self.cfg.train.keep_checkpoints)
+        self.watchdog.beat(self.engine.global_steps)
         self.reporter.line(f"checkpoint {self.ckpt_root} step {self.engine.global_steps}")
 
     def resume(self) -> None:
@@ -273,6 +279,7 @@ class Trainer:
             batches = loader.epoch_batches(self.epoch, prefetch_next=self.epoch + 1 < t.max_epochs)
             for _ in range(self.batches_in_epoch):  # resume mid-epoch: the same stream, fast-forwarded
                 next(batches, None)
+                self.watchdog.beat(self.engine.global_steps)
             while True:
                 waited = time.perf_counter()
                 batch = next(batches, None)
@@ -283,6 +290,7 @@ class Trainer:
                 stepped = time.perf_counter()
                 out, boundary = self.train_step(batch)
                 stepped = time.perf_counter() - stepped
+                self.watchdog.beat(self.engine.global_steps)
                 self.batches_in_epoch += 1
                 meter.add(sum(batch["durations"]), out, waited, self.batch_flops(batch), stepped)
                 load = self._expert_load()
@@ -331,6 +339,7 @@ class Trainer:
         while batch is not None:
             left += len(batch["keys"])
             batch = next(batches, None)
+            self.watchdog.beat(self.engine.global_steps)
         counts = torch.tensor([loader.epoch_stats.utterances, left], dtype=torch.float64, device=self.info.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(counts)
@@ -423,6 +432,7 @@ class Trainer:
             batch = batch if real else self._placeholder_batch()
             feats, lens, target, target_lens = self._inputs(batch, train=False)
             memory, valid = model.encoder(feats, lens)
+            self.watchdog.beat(step)
             count += 1
             # A placeholder still runs the decoders (their MoE layers exchange frames too) and
             # names the loss terms, so every rank reduces the same list.
@@ -478,5 +488,6 @@ def run_training(cfg: ExperimentConfig, paths: TrainPaths, info: DistInfo, max_s
         (paths.exp_dir / "train.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (paths.exp_dir / "paths.json").write_text(json.dumps({k: str(v) for k, v in vars(paths).items()}, indent=1))
     trainer = Trainer(cfg, paths, info, max_minutes)
-    trainer.resume()
-    trainer.train()
+    with trainer.watchdog:
+        trainer.resume()
+        trainer.train()
