@@ -21,6 +21,9 @@ AUDIO_EXTENSIONS = ("flac", "wav", "opus", "ogg", "mp3", "sph")
 # 0x7ffff000, others 0xffffffff), not a promise of that many bytes.
 _WAV_SIZE_UNKNOWN = 0x7FFFF000
 _OGG_END_OF_STREAM = 0x04
+# libsndfile's frame count for a stream that declares no length (e.g. FLAC written to a pipe):
+# nothing to fall short of.
+_FRAMES_UNKNOWN = 2**62
 
 
 class AudioError(Exception):
@@ -129,14 +132,17 @@ def decode(data: bytes, dtype: str = "float32") -> tuple[np.ndarray, int, int]:
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
         raise AudioError(f"not decodable audio ({err})") from err
     with f:
+        declared = f.frames if f.frames < _FRAMES_UNKNOWN else None
         try:
             samples = f.read(dtype=dtype, always_2d=True)
         except (sf.LibsndfileError, RuntimeError, ValueError) as err:
-            raise AudioTruncated(f"decoder error after {f.tell()} of {f.frames} frames ({err})") from err
-        rate, declared = f.samplerate, f.frames
+            if declared is None:
+                raise AudioError(f"not decodable audio ({err})") from err
+            raise AudioTruncated(f"decoder error after {f.tell()} of {declared} frames ({err})") from err
+        rate = f.samplerate
     if samples.shape[0] == 0:
         raise AudioError("no samples")
-    if samples.shape[0] < declared:
+    if declared is not None and samples.shape[0] < declared:
         raise AudioTruncated(f"{samples.shape[0]} of the {declared} frames its header declares")
     return samples, rate, samples.shape[1]
 
