@@ -63,6 +63,11 @@ class TrainConfig:
     # runs any further shape eagerly.
     cuda_graphs: bool = False
     cuda_graph_shapes: int = 64
+    # A rank that makes no progress (no step, evaluation batch or checkpoint) for this long ends
+    # its process with a line naming the rank that stopped (trainer/watchdog.py): one stopped or
+    # dead rank otherwise leaves the others waiting silently in a collective. It must exceed the
+    # longest legitimate pause: a checkpoint write, the first step's compilation.
+    watchdog_seconds: float = 300.0
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1 or self.max_steps < 0:
@@ -75,3 +80,5 @@ class TrainConfig:
             raise ConfigError("train intervals and host_threads must be >= 0")
         if self.cuda_graph_shapes < 1:
             raise ConfigError("train.cuda_graph_shapes must be >= 1")
+        if self.watchdog_seconds <= 0:
+            raise ConfigError("train.watchdog_seconds must be > 0")

@@ -28,8 +28,8 @@ from .stats import DataStats
 
 logger = logging.getLogger(__name__)
 
-# Per-utterance partial sums: (sum x, sum x^2, frames) over one utterance, float64.
-_Partial = tuple[np.ndarray, np.ndarray, int]
+# Per-utterance partial sums: (sum x, sum x^2, frames) over one utterance, float64, and its seconds.
+_Partial = tuple[np.ndarray, np.ndarray, int, float]
 
 
 def _shard_partials(url: str, cfg: DataConfig, limit: int | None) -> tuple[list[_Partial], DataStats]:
@@ -42,7 +42,7 @@ def _shard_partials(url: str, cfg: DataConfig, limit: int | None) -> tuple[list[
         if sample is None:
             continue
         x = sample.feats.double().numpy()
-        partials.append((x.sum(axis=0), np.square(x).sum(axis=0), x.shape[0]))
+        partials.append((x.sum(axis=0), np.square(x).sum(axis=0), x.shape[0], sample.duration))
         if limit is not None and len(partials) >= limit:
             break
     return partials, stats
@@ -96,17 +96,19 @@ def compute_cmvn(shards: str | Path | list[str], out: str | Path, cfg: DataConfi
     stats = DataStats()
     for partials, shard_stats in _partials_in_order(shard_list, cfg, max_utts, jobs):
         stats.merge(shard_stats)
-        for s, sq, n in partials:
+        for s, sq, n, seconds in partials:
             if max_utts is not None and utts >= max_utts:
                 break
             mean_stat += s
             var_stat += sq
             frames += n
             utts += 1
+            stats.audio_seconds += seconds
         if max_utts is not None and utts >= max_utts:
             break
     if frames == 0:
         raise ValueError(f"no usable utterance in {shards}")
+    stats.utterances = utts
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps({"mean_stat": mean_stat.tolist(), "var_stat": var_stat.tolist(),
                                "frame_num": frames}) + "\n")

@@ -38,8 +38,15 @@ class KaldiDir:
     files: list[Path]  # the list files read, for fingerprinting
 
 
+def _is_plain_name(key: str) -> bool:
+    """Keys become tar member names (and files wherever a shard is unpacked): a path separator or
+    a parent reference would let one escape the directory it is unpacked into."""
+    return "/" not in key and "\\" not in key and key not in (".", "..")
+
+
 def _read_table(path: Path, min_fields: int, max_split: int = -1) -> dict[str, list[str]]:
-    """key -> remaining fields; duplicate keys and short lines are errors naming file:line."""
+    """key -> remaining fields; duplicate keys, keys that are not plain names and short lines are
+    errors naming file:line."""
     table: dict[str, list[str]] = {}
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -49,6 +56,9 @@ def _read_table(path: Path, min_fields: int, max_split: int = -1) -> dict[str, l
             fields = line.split(maxsplit=max_split) if max_split > 0 else line.split()
             if len(fields) < min_fields:
                 raise DataPrepError(f"{path}:{lineno}: expected at least {min_fields} fields, got {line!r}")
+            if not _is_plain_name(fields[0]):
+                raise DataPrepError(f"{path}:{lineno}: key {fields[0]!r} holds a path separator or parent "
+                                    "reference; keys become tar member names")
             if fields[0] in table:
                 raise DataPrepError(f"{path}:{lineno}: duplicate key {fields[0]!r}")
             table[fields[0]] = fields[1:]

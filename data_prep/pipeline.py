@@ -28,7 +28,7 @@ from .batching import bucket_batches, collate, dynamic_batches, shuffle_buffer, 
 from .errors import DataPrepError
 from .features import samples_for_frames
 from .sample_processor import SampleProcessor
-from .shard_reader import read_shard
+from .shard_reader import read_shard_part
 from .sharding import read_shard_list, shards_for_reader
 from .stats import DataStats
 from .tokenizer import Tokenizer
@@ -63,7 +63,7 @@ class AsrDataset(IterableDataset):
         generator = torch.Generator().manual_seed(rng.getrandbits(63))
         stats = DataStats()
         process = SampleProcessor(self.cfg, self.tokenizer, self.train, stats, rng, generator)
-        samples = (s for url in mine for raw in read_shard(url, stats) if (s := process(raw)) is not None)
+        samples = (s for piece in mine for raw in read_shard_part(piece, stats) if (s := process(raw)) is not None)
         bcfg = self.cfg.batch
         if self.train and bcfg.shuffle_buffer > 1:
             samples = shuffle_buffer(samples, bcfg.shuffle_buffer, rng)
@@ -169,11 +169,11 @@ def build_dataloader(shards: str | Path | list[str], tokenizer: Tokenizer, cfg: 
     if not shard_list:
         raise DataPrepError(f"{shards}: no shards listed")
     if train and len(shard_list) < world_size:
-        # Ranks step in lock-step and an epoch ends when any rank runs dry: a rank without a
-        # shard would end every epoch before its first step.
+        # Shards that do not deal evenly are shared by every rank, each reading all of them for its
+        # part: with fewer shards than ranks, every rank would read the whole training set.
         raise DataPrepError(f"{shards}: {len(shard_list)} shard(s) for {world_size} ranks; training needs at "
                             "least one shard per rank (write smaller shards: prep shards --utts-per-shard)")
-    if len(shard_list) < world_size * max(num_workers, 1):
+    if len(shard_list) // world_size + len(shard_list) % world_size < max(num_workers, 1):
         logger.warning("%d shards for %d ranks x %d workers: some readers get no data",
                        len(shard_list), world_size, max(num_workers, 1))
     dataset = AsrDataset(shard_list, tokenizer, cfg, train=train, seed=seed, rank=rank, world_size=world_size)

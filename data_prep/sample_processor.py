@@ -95,7 +95,7 @@ class SampleProcessor:
         try:
             samples, rate, channels = audio.decode(raw.members[ext])
         except audio.AudioError as err:
-            self.stats.record("audio_undecodable", raw.shard, raw.key, f".{ext}: {err}")
+            self.stats.record(err.kind, raw.shard, raw.key, f".{ext}: {err}")
             return None, 0.0
         if channels > 1:
             self.stats.record("multichannel", raw.shard, raw.key, f"{channels} channels, first kept")

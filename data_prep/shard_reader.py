@@ -13,6 +13,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from .sharding import ShardPart
 from .stats import DataStats
 
 # What a damaged stream can throw while tarfile reads it (gzip/bz2 members included).
@@ -68,3 +69,12 @@ def read_shard(url: str, stats: DataStats) -> Iterator[RawUtterance]:
             # A failed `pipe:` command reports its exit status here; count the shard once.
             if not damaged:
                 stats.record("shard_unreadable", url, None, f"on close: {err}")
+
+
+def read_shard_part(piece: ShardPart, stats: DataStats) -> Iterator[RawUtterance]:
+    """The member groups of a shard's part. Every rank sharing a shard reads all of it, so damage
+    to the shard itself is counted by the reader of part 0 only."""
+    shard_stats = stats if piece.part == 0 else DataStats()
+    for i, raw in enumerate(read_shard(piece.url, shard_stats)):
+        if i % piece.parts == piece.part:
+            yield raw

@@ -124,7 +124,8 @@ def write_shard(path: Path, utterances: list[Utterance], audio_format: str = "ke
             try:
                 ext, data, meta, reencoded = _encode(utt, cache, audio_format)
             except audio.AudioError as err:
-                result.problems.append((utt.key, "bad_audio", f"{utt.source}: {err}"))
+                kind = err.kind if isinstance(err, audio.AudioTruncated) else "bad_audio"
+                result.problems.append((utt.key, kind, f"{utt.source}: {err}"))
                 continue
             tar.write({"__key__": utt.key, ext: data, "txt": utt.text.encode("utf-8"),
                        "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")})

@@ -22,6 +22,7 @@ SKIP_KINDS = (
     "empty_transcript",
     "bad_transcript",        # not UTF-8
     "audio_undecodable",
+    "audio_truncated",       # shorter than its container declares, or its decoder failed part way
     "too_short",             # length / token filters from FilterConfig
     "too_long",
     "too_few_tokens",
@@ -102,8 +103,10 @@ class DataStats:
 
     def summary(self, title: str = "data") -> str:
         """Multi-line human summary: totals, then each kind with its count and examples."""
-        lines = [f"{title}: {self.utterances} utterances ({self.audio_seconds / 3600:.3f} h) "
-                 f"in {self.batches} batches; skipped {self.skipped}"]
+        # Statistics passes (cmvn) read utterances without batching them.
+        batches = f" in {self.batches} batches" if self.batches else ""
+        lines = [f"{title}: {self.utterances} utterances ({self.audio_seconds / 3600:.3f} h)"
+                 f"{batches}; skipped {self.skipped}"]
         for kind in SKIP_KINDS + HANDLED_KINDS:
             if self.counts.get(kind):
                 extra = f" ({self.unknown_unit_count} units)" if kind == "unknown_units" else ""

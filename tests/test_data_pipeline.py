@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import random
+import tarfile
 from collections import Counter
 
 import numpy as np
@@ -11,7 +12,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from test_data_support import LETTERS, make_kaldi_dir, tone, wav_bytes, write_tar
+from test_data_support import LETTERS, make_kaldi_dir, read_kaldi_table, shared_corpus, tone, wav_bytes, write_tar
 from u2moe.data_prep import DataConfig, Tokenizer, build_dataloader
 from u2moe.data_prep.batching import IGNORE_ID, bucket_batches, dynamic_batches
 from u2moe.data_prep.features import KaldiFbank
@@ -42,7 +43,8 @@ def _collect(loader) -> list[dict]:
     return [batch for batch in loader]
 
 
-def test_partition_reads_every_shard_once_per_epoch():
+def test_partition_reads_every_utterance_once_per_epoch():
+    utts = 6  # per shard: utterance i of shard s is read by the reader whose part of s holds i
     for n in range(0, 14):
         shards = [f"s{i}" for i in range(n)]
         for world in (1, 2, 3, 4):
@@ -51,14 +53,37 @@ def test_partition_reads_every_shard_once_per_epoch():
                     parts = {(r, w): shards_for_reader(shards, seed=7, epoch=epoch, shuffle=True, rank=r,
                                                        world_size=world, worker=w, num_workers=workers)
                              for r in range(world) for w in range(workers)}
-                    assert sorted(s for p in parts.values() for s in p) == sorted(shards)
+                    read = Counter((p.url, i) for ps in parts.values() for p in ps
+                                   for i in range(utts) if i % p.parts == p.part)
+                    assert read == Counter({(s, i): 1 for s in shards for i in range(utts)})
+                    # Ranks step in lock-step: each reads as many shards or shard parts, whatever
+                    # the worker count (8 shards, 4 ranks x 6 workers once left two ranks with none).
                     per_rank = [sum(len(parts[r, w]) for w in range(workers)) for r in range(world)]
-                    # Ranks step in lock-step: each gets its fair share, whatever the worker count
-                    # (8 shards, 4 ranks x 6 workers once left two ranks with none).
-                    assert max(per_rank) - min(per_rank) <= 1, (n, world, workers, per_rank)
+                    assert len(set(per_rank)) <= 1, (n, world, workers, per_rank)
     orders = {tuple(shards_for_reader([f"s{i}" for i in range(20)], seed=7, epoch=e, shuffle=True, rank=0,
                                       world_size=1, worker=0, num_workers=1)) for e in range(3)}
     assert len(orders) == 3  # a new order every epoch
+
+
+def test_three_shards_on_two_lock_step_ranks_train_every_utterance(tmp_path, letters):
+    """Ranks step together until the first runs out of batches; the shard left over is shared."""
+    good = wav_bytes(tone(0.5, seed=1), 16000)
+    shards, keys = [], set()
+    for s in range(3):
+        members = []
+        for i in range(4):
+            members += [(f"s{s}u{i}.wav", good), (f"s{s}u{i}.txt", b"AB")]
+        shards.append(str(write_tar(tmp_path / f"shard{s}.tar", members)))
+        with tarfile.open(shards[-1]) as tar:
+            keys |= {m.name.rsplit(".", 1)[0] for m in tar.getmembers()}
+    cfg = DataConfig.from_dict({"batch": {"type": "static", "batch_size": 2}})
+    for epoch in (0, 1):
+        streams = []
+        for rank in (0, 1):
+            loader = build_dataloader(shards, letters, cfg, train=True, seed=3, rank=rank, world_size=2)
+            streams.append(loader.epoch_batches(epoch, prefetch_next=False))
+        trained = Counter(k for step in zip(*streams) for batch in step for k in batch["keys"])
+        assert trained == Counter({k: 1 for k in keys}), f"epoch {epoch}"
 
 
 def test_every_utterance_once_per_epoch_across_ranks_and_workers(corpus):
@@ -227,6 +252,27 @@ def test_damaged_input_is_skipped_counted_and_reported(tmp_path, letters, caplog
     # The per-epoch summary names the kinds, shards and keys.
     summary = "\n".join(r.getMessage() for r in caplog.records if "data epoch" in r.getMessage())
     assert "tar_corrupt: 1" in summary and "truncated.tar [t2]" in summary and "shard_unreadable: 3" in summary
+
+
+def test_truncated_audio_is_skipped_and_counted(tmp_path, letters):
+    """Opus, FLAC and WAV cut to half their bytes are skipped as audio_truncated; whole ones are kept."""
+    opus = shared_corpus("synth-en") / read_kaldi_table(shared_corpus("synth-en") / "dev" / "wav.scp").popitem()[1]
+    whole = {"opus": opus.read_bytes()}
+    samples, rate = sf.read(opus, dtype="int16")
+    whole["flac"] = wav_bytes(samples, rate, "FLAC")
+    whole["wav"] = wav_bytes(samples, rate)
+    members = []
+    for ext, data in whole.items():
+        members += [(f"whole_{ext}.{ext}", data), (f"whole_{ext}.txt", b"WHOLE"),
+                    (f"cut_{ext}.{ext}", data[: len(data) // 2]), (f"cut_{ext}.txt", b"CUT")]
+    loader = build_dataloader([str(write_tar(tmp_path / "cut.tar", members))], letters, DataConfig(), train=False)
+    batches = _collect(loader)
+    frames = {k: int(n) for b in batches for k, n in zip(b["keys"], b["feats_lengths"])}
+    assert set(frames) == {f"whole_{ext}" for ext in whole}
+    assert len(set(frames.values())) == 1  # all three hold the whole utterance
+    stats = loader.epoch_stats
+    assert dict(stats.counts) == {"audio_truncated": 3} and stats.skipped == 3
+    assert {key for _, key, _ in stats.examples["audio_truncated"]} == {f"cut_{ext}" for ext in whole}
 
 
 def test_dynamic_batches_never_exceed_the_budget():

@@ -15,7 +15,8 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from test_data_support import make_kaldi_dir, read_kaldi_table, run_prep, shared_corpus, tone, wav_bytes
+from test_data_support import (make_kaldi_dir, read_kaldi_table, run_prep, shared_corpus, tone, wav_bytes,
+                               write_tar)
 from u2moe.data_prep.errors import DataPrepError
 from u2moe.data_prep.shard_writer import write_shards
 from u2moe.data_prep.tokenizer import Tokenizer
@@ -180,6 +181,21 @@ def test_cmvn_matches_direct_numpy_computation(tmp_path):
     np.testing.assert_allclose(istd.numpy(), 1 / x.std(0), rtol=1e-4)
 
 
+def test_cmvn_summary_counts_the_utterances_used_beside_the_skipped(tmp_path, caplog):
+    data_dir, utts = make_kaldi_dir(tmp_path / "corpus", count=3)
+    write_shards(data_dir, tmp_path / "shards", utts_per_shard=2)
+    shard_list = tmp_path / "shards" / "shards.list"
+    bad = write_tar(tmp_path / "bad.tar", [("broken.wav", b"RIFF not audio"), ("broken.txt", b"A")])
+    shard_list.write_text(shard_list.read_text() + f"{bad}\n")
+    with caplog.at_level("WARNING"):
+        assert run_prep(["prep", "cmvn", "--shards", str(shard_list), "--out", str(tmp_path / "cmvn.json")]) == 0
+    hours = sum(d for _, d, _ in utts.values()) / 3600
+    summaries = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cmvn input:")]
+    assert len(summaries) == 1
+    lines = summaries[0].splitlines()
+    assert lines[:2] == [f"cmvn input: 3 utterances ({hours:.3f} h); skipped 1", "  skipped audio_undecodable: 1"]
+
+
 def test_u2moe_command_runs_prep_end_to_end(tmp_path):
     (tmp_path / "text").write_text("a 你好\nb 好的 OK\n", encoding="utf-8")
     cmd = [sys.executable, "-m", "u2moe", "prep", "units", "--text", str(tmp_path / "text"),
@@ -192,6 +208,35 @@ def test_u2moe_command_runs_prep_end_to_end(tmp_path):
     cmd[cmd.index("--text") + 1] = str(tmp_path / "missing")
     done = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "missing" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_shards_skip_truncated_audio(tmp_path):
+    data_dir, utts = make_kaldi_dir(tmp_path / "corpus", count=3)
+    cut = sorted(utts)[1]
+    path = utts[cut][2]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    summary = write_shards(data_dir, tmp_path / "shards")
+    assert summary["skipped"] == {"audio_truncated": 1} and summary["utterances"] == 2
+    assert summary["skipped_examples"][0][:2] == [cut, "audio_truncated"]
+    names = _tar_members(tmp_path / "shards" / "shard-000000.tar")
+    assert {n.rsplit(".", 1)[0] for n in names} == set(utts) - {cut}
+
+
+@pytest.mark.parametrize("bad_key", ["../../x", "/etc/x", "a\\b", ".."])
+def test_shards_refuse_keys_that_are_paths(tmp_path, caplog, bad_key):
+    """Keys become tar member names: one naming a path is refused by file and line, nothing written."""
+    data_dir, utts = make_kaldi_dir(tmp_path / "corpus", count=3)
+    first = sorted(utts)[1]
+    for name in ("wav.scp", "text"):
+        table = data_dir / name
+        table.write_text(table.read_text(encoding="utf-8").replace(f"{first} ", f"{bad_key} ", 1), encoding="utf-8")
+    out = tmp_path / "shards"
+    with caplog.at_level("ERROR"):
+        assert run_prep(["prep", "shards", "--data-dir", str(data_dir), "--out", str(out)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0]
+    assert errors[0].startswith(f"{data_dir / 'wav.scp'}:2: key {bad_key!r}")
+    assert not out.exists() or not list(out.glob("*.tar"))
 
 
 def test_shards_reencoded_to_flac_or_wav_hold_the_decoded_original(tmp_path):

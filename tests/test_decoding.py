@@ -361,6 +361,32 @@ def test_decode_command_writes_hypotheses_and_scores(tmp_path):
     assert (out / "attention_rescoring.txt").is_file() and (out / "wer.json").is_file()
 
 
+def test_decode_summary_counts_the_decoded_utterances_beside_the_skipped(tmp_path, caplog):
+    from u2moe.cli import main
+
+    cfg = load_config("tiny_dense")
+    save_model_file(tmp_path / "model.pt", tiny_model("tiny_dense"), cfg, units_for(cfg.model.vocab_size))
+    data = tmp_path / "data"
+    (data / "audio").mkdir(parents=True)
+    seconds = {"utt1": 0.5, "utt2": 0.7}
+    for i, (key, length) in enumerate(seconds.items()):
+        sf.write(data / "audio" / f"{key}.wav", chirp(length, i).numpy(), 16000)
+    (data / "audio" / "bad.wav").write_bytes(b"RIFF not audio")
+    keys = [*seconds, "bad"]
+    (data / "wav.scp").write_text("".join(f"{k} audio/{k}.wav\n" for k in keys))
+    (data / "text").write_text("".join(f"{k} HELLO\n" for k in keys))
+    with caplog.at_level("INFO"), pytest.raises(SystemExit) as done:
+        main(["decode", "--model", str(tmp_path / "model.pt"), "--data-dir", str(data), "--modes", "ctc_greedy",
+              "--out", str(tmp_path / "out")])
+    assert done.value.code == 0
+    messages = [r.getMessage() for r in caplog.records]
+    summary = next(m for m in messages if m.startswith("decode input:")).splitlines()
+    hours = sum(seconds.values()) / 3600
+    assert summary[:2] == [f"decode input: 2 utterances ({hours:.3f} h) in 1 batches; skipped 1",
+                           "  skipped audio_undecodable: 1"]
+    assert any(m.startswith("2 utterances, 1.2 s of audio") for m in messages)
+
+
 def _feats_of(data, keys):
     from u2moe.configs.data import DataConfig
     from u2moe.inference.decoding.data import batch_fbank

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -202,6 +203,88 @@ def test_uneven_shards_end_the_epoch_on_every_rank(tmp_path):
     assert len(list((tmp_path / "exp" / "checkpoints").glob("step_*"))) == 1
     records = train_losses(tmp_path / "exp")
     assert records and all(math.isfinite(r["loss"]) for r in records.values())
+    # The share of each epoch's utterances that the rank with data to spare did not train on.
+    rows = [json.loads(line) for line in (tmp_path / "exp" / "metrics.jsonl").read_text().splitlines()]
+    left_out = [r for r in rows if r["split"] == "epoch_data"]
+    assert [(r["epoch"], r["utterances"]) for r in left_out] == [(0, 52), (1, 52)]
+    for r in left_out:
+        assert 0 <= r["left_out"] < 52 and r["left_out_share"] == pytest.approx(r["left_out"] / 52)
+        assert f"epoch {r['epoch']}: {r['left_out']} of 52 utterances" in log
+
+
+def _watchdogs(directory: Path, timeout: float) -> tuple[list[int], list]:
+    """Two ranks' watchdogs in this process; a list receives the exit statuses they would end with."""
+    from u2moe.trainer.watchdog import StepWatchdog
+
+    ended: list[int] = []
+    return ended, [StepWatchdog(directory, r, 2, timeout, end_process=ended.append) for r in (0, 1)]
+
+
+def _watchdog_line(ended: list[int], caplog, timeout: float) -> str:
+    """The line of the first watchdog to end its process."""
+    wait_for(lambda: ended, 4 * timeout)
+    assert ended[0] == 3
+    return next(r.getMessage() for r in caplog.records if r.getMessage().startswith("watchdog:"))
+
+
+def test_watchdog_names_a_silent_peer_or_else_the_one_idle_longest(tmp_path, caplog):
+    # Rank 1 stops whole after step 4 (its heartbeat thread too, as under SIGSTOP).
+    ended, (rank0, rank1) = _watchdogs(tmp_path / "stopped", 1.0)
+    with rank0, rank1:
+        rank0.beat(4)
+        rank1.beat(4)
+        time.sleep(2 * rank1.interval)
+        rank1._stop.set()
+        rank1._thread.join()
+        line = _watchdog_line(ended, caplog, 1.0)
+        time.sleep(1.0)  # the stopped rank's watchdog does not run
+    assert ended == [3]
+    assert line.startswith("watchdog: rank 0 made no training progress for 1 s after step 4 "
+                           "(train.watchdog_seconds=1): rank 1 (pid ")
+    assert "last at step 4, no heartbeat for" in line and line.endswith("stopped or died; ending this process")
+
+    # Both alive; rank 1 stopped making progress first (hung in its data, say): rank 1 is named.
+    caplog.clear()
+    ended, (rank0, rank1) = _watchdogs(tmp_path / "hung", 1.0)
+    with rank0, rank1:
+        rank1.beat(7)
+        time.sleep(0.4)
+        rank0.beat(8)
+        line = _watchdog_line(ended, caplog, 1.0)
+    assert line.startswith("watchdog: rank 1 made no training progress for 1 s after step 7")
+    assert "rank 1 (pid " in line and "last at step 7, no progress for" in line
+    assert line.endswith("is hung; ending this process")
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_ends_every_rank_with_a_line_naming_it(corpus, tmp_path):
+    from u2moe.trainer.checkpoint import list_tags
+    from u2moe.trainer.export import export_model
+
+    exp, log = tmp_path / "exp", tmp_path / "train.log"
+    watchdog = 4
+    proc = start(train_command(corpus, exp, nproc=2, extra=[f"train.watchdog_seconds={watchdog}",
+                                                            "train.expert_parallel_size=2"]), log)
+    try:
+        # Stopped a step after the first epoch's checkpoint, several steps before the next.
+        wait_for(lambda: list_tags(exp / "checkpoints") and
+                 max(_logged_steps(exp), default=0) > int(list_tags(exp / "checkpoints")[0][5:]), 300, proc)
+        tags = list_tags(exp / "checkpoints")
+        pid = json.loads((exp / "heartbeats" / "rank1.json").read_text())["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        # The watchdog ends rank 0 within its time; torchrun ends the stopped rank 30 s later.
+        assert proc.wait(timeout=watchdog + 30 + 30) != 0
+        assert time.monotonic() - stopped < watchdog + 30 + 20
+    finally:
+        kill_all(proc)
+    assert not Path(f"/proc/{pid}").exists()
+    lines = [line for line in log.read_text().splitlines() if "watchdog:" in line]
+    assert len(lines) == 1 and "[rank 0] watchdog: rank 0 made no training progress" in lines[0]
+    assert f"rank 1 (pid {pid} on " in lines[0] and lines[0].endswith("stopped or died; ending this process")
+    # The last complete checkpoint is intact: it exports.
+    assert list_tags(exp / "checkpoints") == tags
+    assert export_model(exp, tmp_path / "model.pt") == tags[-1:]
 
 
 def test_launcher_script_runs_without_a_deepspeed_script_on_path(tmp_path):

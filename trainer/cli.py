@@ -10,11 +10,12 @@ from ..configs.experiment import load_config
 from .distributed import cap_gpu_memory, distributed
 from .export import export_model
 from .train import TrainPaths, run_training
+from .watchdog import process_group_timeout
 
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)  # before any process group: bad keys fail fast
-    with distributed() as info:
+    with distributed(process_group_timeout(cfg.train.watchdog_seconds)) as info:
         cap_gpu_memory(info.device, args.max_gpu_memory_gb)
         logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                             format=f"%(asctime)s [rank {info.rank}] %(message)s")

@@ -11,6 +11,7 @@ import os
 import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Iterator
 
 import torch
@@ -46,7 +47,8 @@ def _slurm_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(timeout: timedelta | None = None) -> DistInfo:
+    """The process group, whose collectives give up after `timeout` (None: DeepSpeed's default)."""
     import deepspeed
 
     _slurm_env()
@@ -61,7 +63,8 @@ def init_distributed() -> DistInfo:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    extra = {"timeout": timeout} if timeout is not None else {}
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **extra)
     if backend == "gloo" and int(os.environ["WORLD_SIZE"]) > 1:
         _unlink_shm_buffer(int(os.environ["RANK"]))
     # DeepSpeed logs every engine detail at INFO on every rank; our progress lines say what matters.
@@ -85,7 +88,7 @@ def _unlink_shm_buffer(rank: int) -> None:
 
 
 @contextmanager
-def distributed() -> Iterator[DistInfo]:
+def distributed(timeout: timedelta | None = None) -> Iterator[DistInfo]:
     """`init_distributed()` for the length of a job, its process groups destroyed when the job
     ends normally: left to interpreter exit, gloo's threads abort the process ("terminate called
     without an active exception", SIGABRT) after the work is done, failing a finished run. After
@@ -93,7 +96,7 @@ def distributed() -> Iterator[DistInfo]:
     block in the teardown."""
     import torch.distributed as dist
 
-    info = init_distributed()
+    info = init_distributed(timeout)
     yield info
     if dist.is_initialized():
         dist.destroy_process_group()

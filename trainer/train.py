@@ -46,6 +46,7 @@ from .ds_config import (
 from .optim import build_optimizer
 from .progress import BlankOutputWatch, Reporter, ThroughputMeter, dev_line, gpu_memory_gb
 from .scheduler import warmup_lr
+from .watchdog import StepWatchdog
 
 logger = logging.getLogger("u2moe.train")
 
@@ -167,6 +168,10 @@ class Trainer:
         self.ckpt_root = paths.exp_dir / "checkpoints"
         self.reporter = Reporter(paths.exp_dir, info.is_main)
         self.blank_watch = BlankOutputWatch(cfg.optim.warmup_steps)
+        # Entered around resume and training (run_training); beaten at every step, evaluation
+        # batch and checkpoint.
+        self.watchdog = StepWatchdog(paths.exp_dir / "heartbeats", info.rank, info.world_size,
+                                     cfg.train.watchdog_seconds)
         self.epoch = 0
         self.batches_in_epoch = 0
         self.last_saved_step = -1
@@ -263,6 +268,7 @@ class Trainer:
         with self._paused():
             save_checkpoint(self.engine, self.ckpt_root, self.engine.global_steps, self._client_state(),
                             to_dict(self.cfg), self.cfg.train.keep_checkpoints)
+        self.watchdog.beat(self.engine.global_steps)
         self.reporter.line(f"checkpoint {self.ckpt_root} step {self.engine.global_steps}")
 
     def resume(self) -> None:
@@ -300,15 +306,18 @@ class Trainer:
             batches = loader.epoch_batches(self.epoch, prefetch_next=self.epoch + 1 < t.max_epochs)
             for _ in range(self.batches_in_epoch):  # resume mid-epoch: the same stream, fast-forwarded
                 next(batches, None)
+                self.watchdog.beat(self.engine.global_steps)
             while True:
                 waited = time.perf_counter()
                 batch = next(batches, None)
                 waited = time.perf_counter() - waited
                 if not every_rank(batch is not None, self.info.device):
+                    self._report_left_out(loader, batches, batch)
                     break
                 stepped = time.perf_counter()
                 out, boundary = self.train_step(batch)
                 stepped = time.perf_counter() - stepped
+                self.watchdog.beat(self.engine.global_steps)
                 self.batches_in_epoch += 1
                 meter.add(sum(batch["durations"]), out, waited, self.batch_flops(batch), stepped)
                 load = self._expert_load()
@@ -349,6 +358,24 @@ class Trainer:
                            "checkpoints excluded)")
         self.reporter.scalars("run", run, self.engine.global_steps)
         self.reporter.close()
+
+    def _report_left_out(self, loader: Any, batches: Iterator[dict[str, Any]], batch: dict[str, Any] | None) -> None:
+        """Ranks end an epoch together when the first runs out of batches: read what this rank
+        still holds to the end, and log the share of the epoch's utterances no rank trained on."""
+        left = 0
+        while batch is not None:
+            left += len(batch["keys"])
+            batch = next(batches, None)
+            self.watchdog.beat(self.engine.global_steps)
+        counts = torch.tensor([loader.epoch_stats.utterances, left], dtype=torch.float64, device=self.info.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts)
+        total, left = (int(n) for n in counts.tolist())
+        share = left / max(total, 1)
+        self.reporter.line(f"epoch {self.epoch}: {left} of {total} utterances ({100 * share:.1f}%) left out: "
+                           "ranks end an epoch when the first runs out of data")
+        self.reporter.scalars("epoch_data", {"epoch": self.epoch, "utterances": total, "left_out": left,
+                                             "left_out_share": share}, self.engine.global_steps)
 
     def _log(self, step: int, meter: ThroughputMeter, load_sum: torch.Tensor | None) -> None:
         stats = meter.report()
@@ -430,6 +457,7 @@ class Trainer:
             batch = batch if real else self._placeholder_batch()
             feats, lens, target, target_lens = self._inputs(batch, train=False)
             memory, valid = model.encoder(feats, lens)
+            self.watchdog.beat(step)
             count += 1
             # A placeholder still runs the decoders (their MoE layers exchange frames too) and
             # names the loss terms, so every rank reduces the same list.
@@ -489,4 +517,5 @@ def run_training(cfg: ExperimentConfig, paths: TrainPaths, info: DistInfo, max_s
     if info.is_main:
         (paths.exp_dir / "train.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (paths.exp_dir / "paths.json").write_text(json.dumps({k: str(v) for k, v in vars(paths).items()}, indent=1))
-    trainer.train()
+    with trainer.watchdog:
+        trainer.train()

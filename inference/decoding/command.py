@@ -36,7 +36,7 @@ def run_decode(args: argparse.Namespace) -> int:
     refs: list[str] = []
     hyps: dict[str, list[str]] = {m: [] for m in modes}
     files = {m: open(out / f"{m}.txt", "w", encoding="utf-8") for m in modes}
-    audio_seconds, start = 0.0, time.perf_counter()
+    start = time.perf_counter()
     try:
         utts = read_utterances(data_cfg, stats, shards=args.shards, data_dir=args.data_dir)
         for batch in static_batches(utts, args.batch_size):
@@ -48,7 +48,9 @@ def run_decode(args: argparse.Namespace) -> int:
                     files[m].write(f"{utt.key} {text}\n")
                     hyps[m].append(text)
             refs.extend(u.text for u in batch)
-            audio_seconds += sum(u.duration for u in batch)
+            stats.utterances += len(batch)
+            stats.audio_seconds += sum(u.duration for u in batch)
+            stats.batches += 1
     finally:
         for f in files.values():
             f.close()
@@ -63,7 +65,7 @@ def run_decode(args: argparse.Namespace) -> int:
         print(s.line(m))
     (out / "wer.json").write_text(json.dumps(report, indent=1) + "\n")
     logger.info("%d utterances, %.1f s of audio in %.1f s (all modes together)",
-                len(refs), audio_seconds, elapsed)
+                stats.utterances, stats.audio_seconds, elapsed)
     return 0
 
 

@@ -64,7 +64,7 @@ def _raw_from_data_dir(data_dir: Path, stats: DataStats) -> Iterator[RawUtteranc
             data = audio.read_source(utt.source)
             ext = audio.extension_for(audio.probe(data))
         except audio.AudioError as err:
-            stats.record("audio_undecodable", str(data_dir), utt.key, f"{utt.source}: {err}")
+            stats.record(err.kind, str(data_dir), utt.key, f"{utt.source}: {err}")
             continue
         yield RawUtterance(str(data_dir), utt.key, {ext: data, "txt": utt.text.encode("utf-8")})
 
