@@ -119,9 +119,8 @@ def test_aishell_prep_stages_and_train_command(tmp_path):
     out = run_recipe("aishell", ["--data", str(data), "--exp", str(tmp_path / "exp"), "--stage", "4",
                                  "--stop-stage", "6", "--dry-run", "true"], tmp_path)
     line = _train_line(out)
-    vocab = len((data / "units" / "units.txt").read_text(encoding="utf-8").splitlines())
     for part in ("--config moe_1b", "ds_configs/zero2_bf16.json", "train.expert_parallel_size=8",
-                 f"model.vocab_size={vocab}", str(data / "shards" / "train" / "shards.list")):
+                 str(data / "shards" / "train" / "shards.list")):
         assert part in line, (part, line)
     assert "export" in out and "--average 10" in out and "decode" in out
 

@@ -8,10 +8,13 @@ from pathlib import Path
 
 def _train(args: argparse.Namespace) -> int:
     from u2moe.config import load_config
+    from u2moe.data_prep.tokenizer import Tokenizer
     from u2moe.trainer.distributed import cap_gpu_memory, distributed
     from u2moe.trainer.train import TrainPaths, run_training
+    from u2moe.trainer.vocab_size import fit_vocab_size, set_by_user
 
     cfg = load_config(args.config, args.set)  # before any process group: bad keys fail fast
+    fit_vocab_size(cfg, Tokenizer.load(args.units).vocab_size, args.units, set_by_user(args.config, args.set))
     with distributed() as info:
         cap_gpu_memory(info.device, args.max_gpu_memory_gb)
         logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
