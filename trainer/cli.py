@@ -28,8 +28,9 @@ def _train(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from u2moe.trainer.export import export_model
 
-    used = export_model(Path(args.exp_dir), Path(args.out), args.average, args.tag)
-    print(f"wrote {args.out} from {', '.join(used)}")
+    out = Path(args.out) if args.out else Path(args.exp_dir) / "model.pt"
+    used = export_model(Path(args.exp_dir), out, args.average, args.tag)
+    print(f"wrote {out} from {', '.join(used)}")
     return 0
 
 
@@ -59,8 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_train)
 
     p = sub.add_parser("export", help="consolidate checkpoints into one fp32 model.pt")
-    p.add_argument("--exp-dir", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--exp-dir", default=".", help="run directory of `u2moe train` (its checkpoints/)")
+    p.add_argument("--out", default=None, help="model file to write (default: EXP_DIR/model.pt)")
     p.add_argument("--average", type=int, default=1, help="average the last N checkpoints")
     p.add_argument("--tag", default=None, help="export (or end the average at) this checkpoint, e.g. step_00005000")
     p.set_defaults(handler=_export)

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from u2moe.help_format import HelpParser
+
 # Modules whose `register(subparsers)` adds top-level commands.
 _REGISTRARS = [
     "u2moe.model.cli",
@@ -27,7 +29,7 @@ _BENCH_REGISTRARS: list[str] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="u2moe", description=__doc__.splitlines()[0])
+    parser = HelpParser(prog="u2moe", description=__doc__.splitlines()[0])
     # `deepspeed --module u2moe` inserts --local_rank=N before the command; LOCAL_RANK in the
     # environment is what the trainer reads.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
