@@ -16,6 +16,7 @@ from u2moe.model.decoding.data import batch_fbank, decoding_data_config, read_ut
 from u2moe.model.decoding.device import model_dtype, prepare_model
 from u2moe.model.decoding.scoring import score
 from u2moe.model.decoding.search import check_modes, decode_batch
+from u2moe.progress_bar import progress_bar
 
 logger = logging.getLogger("u2moe.decode")
 
@@ -38,7 +39,7 @@ def run_decode(args: argparse.Namespace) -> int:
     audio_seconds, start = 0.0, time.perf_counter()
     try:
         utts = read_utterances(data_cfg, stats, shards=args.shards, data_dir=args.data_dir)
-        for batch in static_batches(utts, args.batch_size):
+        for batch in static_batches(progress_bar(utts, "decode", unit="utt"), args.batch_size):
             feats, lengths = batch_fbank([u.wave for u in batch], data_cfg, args.device)
             result = decode_batch(model, feats.to(dtype), lengths, modes, opts)
             for m in modes:
