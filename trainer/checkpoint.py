@@ -53,6 +53,7 @@ def save_checkpoint(engine: Any, ckpt_root: Path, step: int, client_state: dict[
                     expert_parallel_size: int, keep: int) -> Path:
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state)
+    _remove_deepspeed_scripts(ckpt_root)
     weights = full_fp32_params(engine)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank < expert_parallel_size:
@@ -72,6 +73,13 @@ def save_checkpoint(engine: Any, ckpt_root: Path, step: int, client_state: dict[
         for old in list_tags(ckpt_root)[:-keep]:
             shutil.rmtree(ckpt_root / old, ignore_errors=True)
     return ckpt_root / tag
+
+
+def _remove_deepspeed_scripts(ckpt_root: Path) -> None:
+    """DeepSpeed copies its zero_to_fp32.py and zero_to_torch.py beside the checkpoints it saves;
+    they cannot consolidate ours (expert slices, see above), `u2moe export` does."""
+    for name in ("zero_to_fp32.py", "zero_to_torch.py"):
+        (ckpt_root / name).unlink(missing_ok=True)
 
 
 def load_latest(engine: Any, ckpt_root: Path, expert_parallel_size: int) -> dict[str, Any] | None:

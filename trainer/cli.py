@@ -5,6 +5,9 @@ import argparse
 import logging
 from pathlib import Path
 
+# The trainer's log in the run directory, beside tensorboard/ and metrics.jsonl.
+LOG_FILE = "train.log"
+
 
 def _train(args: argparse.Namespace) -> int:
     from u2moe.config import load_config
@@ -17,8 +20,12 @@ def _train(args: argparse.Namespace) -> int:
     fit_vocab_size(cfg, Tokenizer.load(args.units).vocab_size, args.units, set_by_user(args.config, args.set))
     with distributed() as info:
         cap_gpu_memory(info.device, args.max_gpu_memory_gb)
+        handlers: list[logging.Handler] = [logging.StreamHandler()]
+        if info.is_main:  # rank 0's lines also in the run directory, appended to on resume
+            Path(args.exp_dir).mkdir(parents=True, exist_ok=True)
+            handlers.append(logging.FileHandler(Path(args.exp_dir) / LOG_FILE))
         logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
-                            format=f"%(asctime)s [rank {info.rank}] %(message)s")
+                            format=f"%(asctime)s [rank {info.rank}] %(message)s", handlers=handlers)
         paths = TrainPaths(args.train_shards, args.dev_shards, args.units, args.cmvn, Path(args.exp_dir),
                            args.ds_config, args.init_model)
         run_training(cfg, paths, info, args.max_steps, args.max_minutes)
@@ -29,7 +36,7 @@ def _export(args: argparse.Namespace) -> int:
     from u2moe.trainer.export import export_model
 
     out = Path(args.out) if args.out else Path(args.exp_dir) / "model.pt"
-    used = export_model(Path(args.exp_dir), out, args.average, args.tag)
+    used = export_model(Path(args.exp_dir), out, args.average, args.tag, args.val_best)
     print(f"wrote {out} from {', '.join(used)}")
     return 0
 
@@ -63,5 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exp-dir", default=".", help="run directory of `u2moe train` (its checkpoints/)")
     p.add_argument("--out", default=None, help="model file to write (default: EXP_DIR/model.pt)")
     p.add_argument("--average", type=int, default=1, help="average the last N checkpoints")
+    p.add_argument("--val-best", action="store_true",
+                   help="average the N of lowest dev loss instead of the last N (WeNet's --val_best)")
     p.add_argument("--tag", default=None, help="export (or end the average at) this checkpoint, e.g. step_00005000")
     p.set_defaults(handler=_export)

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 logger = logging.getLogger("u2moe.train")
+METRICS_FILE = "metrics.jsonl"
 
 
 class BlankOutputWatch:
@@ -147,7 +148,7 @@ class Reporter:
     def __init__(self, exp_dir: Path, enabled: bool):
         self.enabled = enabled
         self.writer = None
-        self.jsonl = exp_dir / "metrics.jsonl"
+        self.jsonl = exp_dir / METRICS_FILE
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
