@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from spawn_helpers import free_port
 from trainer_helpers import prepare_corpus, run, train_command
 from u2moe.trainer.checkpoint import list_tags, read_fp32_weights
 from u2moe.trainer.val_best import best_tags
@@ -30,7 +31,8 @@ def trained(tmp_path_factory):
     vocab = cmd.index(f"model.vocab_size={data['vocab']}")
     del cmd[vocab - 1:vocab + 1]  # the units directory sets it
     log = root / "stdout.log"
-    run(cmd + ["--max-steps", "3"], timeout=600, log=log)
+    # A port of its own: a single process otherwise takes torch's default, which may be in use.
+    run(["env", f"MASTER_PORT={free_port()}", *cmd, "--max-steps", "3"], timeout=600, log=log)
     return {"exp": exp, "data": data, "stdout": log.read_text()}
 
 

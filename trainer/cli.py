@@ -19,13 +19,13 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)  # before any process group: bad keys fail fast
     fit_vocab_size(cfg, Tokenizer.load(args.units).vocab_size, args.units, set_by_user(args.config, args.set))
     with distributed() as info:
-        cap_gpu_memory(info.device, args.max_gpu_memory_gb)
         handlers: list[logging.Handler] = [logging.StreamHandler()]
         if info.is_main:  # rank 0's lines also in the run directory, appended to on resume
             Path(args.exp_dir).mkdir(parents=True, exist_ok=True)
             handlers.append(logging.FileHandler(Path(args.exp_dir) / LOG_FILE))
         logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                             format=f"%(asctime)s [rank {info.rank}] %(message)s", handlers=handlers)
+        cap_gpu_memory(info.device, args.max_gpu_memory_gb)
         paths = TrainPaths(args.train_shards, args.dev_shards, args.units, args.cmvn, Path(args.exp_dir),
                            args.ds_config, args.init_model)
         run_training(cfg, paths, info, args.max_steps, args.max_minutes)
