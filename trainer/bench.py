@@ -262,11 +262,11 @@ def profile_steps(trainer: Any, batches: list[dict[str, Any]], steps: int, out: 
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from u2moe.config import load_config
     from u2moe.trainer.distributed import cap_gpu_memory, distributed
     from u2moe.trainer.train import Trainer, TrainPaths
+    from u2moe.trainer.vocab_size import load_training_config
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_training_config(args.config, args.set, args.units)
     with distributed() as info, tempfile.TemporaryDirectory() as exp_dir:
         cap_gpu_memory(info.device, args.max_gpu_memory_gb)
         paths = TrainPaths(args.train_shards, args.train_shards, args.units, args.cmvn, Path(exp_dir),

@@ -10,14 +10,12 @@ LOG_FILE = "train.log"
 
 
 def _train(args: argparse.Namespace) -> int:
-    from u2moe.config import load_config
-    from u2moe.data_prep.tokenizer import Tokenizer
     from u2moe.trainer.distributed import cap_gpu_memory, distributed
     from u2moe.trainer.train import TrainPaths, run_training
-    from u2moe.trainer.vocab_size import fit_vocab_size, set_by_user
+    from u2moe.trainer.vocab_size import load_training_config
 
-    cfg = load_config(args.config, args.set)  # before any process group: bad keys fail fast
-    fit_vocab_size(cfg, Tokenizer.load(args.units).vocab_size, args.units, set_by_user(args.config, args.set))
+    # Before any process group: bad keys fail fast.
+    cfg = load_training_config(args.config, args.set, args.units)
     with distributed() as info:
         handlers: list[logging.Handler] = [logging.StreamHandler()]
         if info.is_main:  # rank 0's lines also in the run directory, appended to on resume
@@ -46,7 +44,8 @@ def add_model_and_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="preset name or experiment yaml")
     p.add_argument("--ds-config", required=True, help="DeepSpeed JSON (ds_configs/)")
     p.add_argument("--train-shards", required=True, help="shards.list of the training set")
-    p.add_argument("--units", required=True, help="units directory (u2moe prep units)")
+    p.add_argument("--units", required=True,
+                   help="units directory (u2moe prep units), which gives model.vocab_size unless you set it")
     p.add_argument("--cmvn", required=True, help="global CMVN JSON (u2moe prep cmvn)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. optim.lr=5e-4 (repeatable)")

@@ -41,6 +41,7 @@ def cuda_index(local_rank: int, visible: int) -> int:
 
 
 def pick_device(local_rank: int, env: Mapping[str, str] = os.environ) -> torch.device:
+    """The CUDA device this process sees for its local rank; the CPU only where no GPU was asked for."""
     if torch.cuda.is_available():
         return torch.device("cuda", cuda_index(local_rank, torch.cuda.device_count()))
     request = gpu_request(env)

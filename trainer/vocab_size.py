@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from u2moe.config import PRESET_DIR, ExperimentConfig, resolve_config_path
+from u2moe.config import PRESET_DIR, ExperimentConfig, load_config, resolve_config_path
+from u2moe.data_prep.tokenizer import Tokenizer
 from u2moe.dataconf import ConfigError, load_yaml
 
 KEY = "model.vocab_size"
@@ -32,3 +33,10 @@ def fit_vocab_size(cfg: ExperimentConfig, units_vocab: int, units_dir: str, user
         raise ConfigError(f"{KEY} is {cfg.model.vocab_size}, but {units_dir} has {units_vocab} units; "
                           f"leave {KEY} unset to use {units_vocab}")
     cfg.model.vocab_size = units_vocab
+
+
+def load_training_config(config: str | Path, overrides: list[str], units_dir: str) -> ExperimentConfig:
+    """`load_config`, with `model.vocab_size` from the units directory as above."""
+    cfg = load_config(config, overrides)
+    fit_vocab_size(cfg, Tokenizer.load(units_dir).vocab_size, units_dir, set_by_user(config, overrides))
+    return cfg
