@@ -33,6 +33,7 @@ import torch
 
 from ..configs.experiment import load_config
 from ..configs.model import ModelConfig
+from ..data_prep.progress_bar import progress_bar
 from ..model import U2Model
 from ..model.params import count_config_parameters
 
@@ -128,9 +129,16 @@ def fit_activations(cfg: ModelConfig, lengths: tuple[int, int, int] = (300, 600,
                     checkpointing: bool = False) -> ActivationFit:
     """Batches of one and of two utterances at three lengths, on one model (building a 1B model is
     much of the cost): what two keep beyond one is an utterance's share, the rest the batch's."""
-    model = _measurement_model(cfg, checkpointing)
-    ones = [float(_saved_bytes(model, cfg, t)) for t in lengths]
-    twos = [float(_saved_bytes(model, cfg, t, utterances=2)) for t in lengths]
+    # Minutes for the largest presets: the model build and each measurement advance the bar.
+    with progress_bar(None, "bench memory", 1 + 2 * len(lengths), "step") as bar:
+        model = _measurement_model(cfg, checkpointing)
+        bar.update()
+        saved = {}
+        for utterances in (1, 2):
+            for t in lengths:
+                saved[utterances, t] = float(_saved_bytes(model, cfg, t, utterances=utterances))
+                bar.update()
+    ones, twos = [saved[1, t] for t in lengths], [saved[2, t] for t in lengths]
     vandermonde = torch.tensor([[1.0, t, t * t] for t in lengths], dtype=torch.float64)
 
     def fit(ys: list[float]) -> tuple[float, float, float]:

@@ -37,13 +37,13 @@ from typing import Any
 import torch
 
 from ..configs.data import DataConfig
-from ..configs.experiment import load_config
 from ..data_prep.batching import collate, dynamic_batches
 from ..data_prep.features import num_frames
 from ..data_prep.sample_processor import Sample
 from ..trainer.cli import add_model_and_data_arguments
 from ..trainer.distributed import cap_gpu_memory, distributed
 from ..trainer.train import Trainer, TrainPaths
+from ..trainer.vocab_size import load_training_config
 
 logger = logging.getLogger("u2moe.bench.train")
 
@@ -265,7 +265,7 @@ def profile_steps(trainer: Any, batches: list[dict[str, Any]], steps: int, out: 
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = load_config(args.config, args.set)
+    cfg = load_training_config(args.config, args.set, args.units)
     with distributed() as info, tempfile.TemporaryDirectory() as exp_dir:
         cap_gpu_memory(info.device, args.max_gpu_memory_gb)
         paths = TrainPaths(args.train_shards, args.train_shards, args.units, args.cmvn, Path(exp_dir),

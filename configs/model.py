@@ -93,8 +93,8 @@ class DecoderConfig:
 
 @dataclass
 class ModelConfig:
-    # Output units including <blank>=0 and <sos/eos>=vocab_size-1; the trainer checks it
-    # against the units file so that a model never silently mismatches its tokenizer.
+    # Output units including <blank>=0 and <sos/eos>=vocab_size-1; `u2moe train` takes it from
+    # the units file unless the user set it, and refuses a size the user set that differs.
     vocab_size: int = 5000
     ctc_weight: float = 0.3
     reverse_weight: float = 0.3

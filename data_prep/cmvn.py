@@ -21,6 +21,7 @@ import torch
 
 from ..configs.data import BatchConfig, DataConfig, FilterConfig
 from .done_marker import PreparedOutput, fingerprint
+from .progress_bar import progress_bar
 from .sample_processor import SampleProcessor
 from .shard_reader import read_shard
 from .sharding import read_shard_list
@@ -94,18 +95,20 @@ def compute_cmvn(shards: str | Path | list[str], out: str | Path, cfg: DataConfi
     dim = cfg.fbank.num_mel_bins
     mean_stat, var_stat, frames, utts = np.zeros(dim), np.zeros(dim), 0, 0
     stats = DataStats()
-    for partials, shard_stats in _partials_in_order(shard_list, cfg, max_utts, jobs):
-        stats.merge(shard_stats)
-        for s, sq, n, seconds in partials:
+    with progress_bar(_partials_in_order(shard_list, cfg, max_utts, jobs), "prep cmvn", len(shard_list),
+                      "shard") as shards_done:
+        for partials, shard_stats in shards_done:
+            stats.merge(shard_stats)
+            for s, sq, n, seconds in partials:
+                if max_utts is not None and utts >= max_utts:
+                    break
+                mean_stat += s
+                var_stat += sq
+                frames += n
+                utts += 1
+                stats.audio_seconds += seconds
             if max_utts is not None and utts >= max_utts:
                 break
-            mean_stat += s
-            var_stat += sq
-            frames += n
-            utts += 1
-            stats.audio_seconds += seconds
-        if max_utts is not None and utts >= max_utts:
-            break
     if frames == 0:
         raise ValueError(f"no usable utterance in {shards}")
     stats.utterances = utts

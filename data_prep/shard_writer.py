@@ -26,6 +26,7 @@ import numpy as np
 from . import audio
 from .done_marker import PreparedOutput, fingerprint
 from .kaldi_dir import Utterance, read_kaldi_dir
+from .progress_bar import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -168,10 +169,11 @@ def write_shards(data_dir: str | Path, out: str | Path, utts_per_shard: int = 10
     paths = [out / f"shard-{i:06d}.tar" for i in range(len(chunks))]
     formats = [audio_format] * len(chunks)
     if jobs == 1 or len(chunks) <= 1:
-        results = [write_shard(p, c, f) for p, c, f in zip(paths, chunks, formats)]
+        results = list(progress_bar(map(write_shard, paths, chunks, formats), "prep shards", len(chunks), "shard"))
     else:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
-            results = list(pool.map(write_shard, paths, chunks, formats))
+            results = list(progress_bar(pool.map(write_shard, paths, chunks, formats), "prep shards",
+                                        len(chunks), "shard"))
 
     written = [r.path for r in results if r.utterances]
     (out / SHARD_LIST).write_text("".join(f"{p}\n" for p in written))

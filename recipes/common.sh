@@ -45,15 +45,14 @@ prep_stages() {
 
 # model_stages: train (4), average + export (5), decode (6).
 model_stages() {
-  local vocab set
+  local set
   if stage_on 4; then
-    vocab=$( [ -f "$data/units/units.txt" ] && grep -c . "$data/units/units.txt" || echo 0)
     # shellcheck disable=SC2086  # train_opts is a list of extra `u2moe train` arguments
     run "$repo_dir/launch/train.sh" ${gpus:+--gpus "$gpus"} -- \
       --config "$config" --ds-config "$ds_config" \
       --train-shards "$data/shards/train/shards.list" --dev-shards "$data/shards/dev/shards.list" \
       --units "$data/units" --cmvn "$data/cmvn.json" --exp-dir "$exp" \
-      --set model.vocab_size="$vocab" --set train.expert_parallel_size="$expert_parallel_size" $train_opts
+      --set train.expert_parallel_size="$expert_parallel_size" $train_opts
   fi
   if stage_on 5; then
     run "$u2moe" export --exp-dir "$exp" --out "$exp/avg_${average_num}.pt" --average "$average_num"

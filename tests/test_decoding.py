@@ -358,6 +358,7 @@ def test_decode_command_writes_hypotheses_and_scores(tmp_path):
         expected = "".join(units[i] for i in ids).replace("\u2581", " ").strip()
         assert line.split(" ", 1)[1:] == ([expected] if expected else [])
     assert "ctc_greedy: CER" in proc.stdout and "utts 3" in proc.stdout
+    assert "decode: 3utt [" in proc.stderr  # the progress bar's last state
     assert (out / "attention_rescoring.txt").is_file() and (out / "wer.json").is_file()
 
 

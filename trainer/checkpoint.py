@@ -124,6 +124,7 @@ def save_checkpoint(engine: Any, ckpt_root: Path, step: int, client_state: dict[
         dist.barrier()
     files.written.clear()
     engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state)
+    _remove_deepspeed_scripts(ckpt_root)
     written = {os.path.relpath(path, tag_dir): size for path, size in files.written.items()}
     weights = full_fp32_params(engine)
     expert_parallel_size = config["train"]["expert_parallel_size"]
@@ -153,6 +154,13 @@ def save_checkpoint(engine: Any, ckpt_root: Path, step: int, client_state: dict[
         for old in complete[:-keep] + [t for t in incomplete if t < tag]:
             shutil.rmtree(ckpt_root / old, ignore_errors=True)
     return tag_dir
+
+
+def _remove_deepspeed_scripts(ckpt_root: Path) -> None:
+    """DeepSpeed copies its zero_to_fp32.py and zero_to_torch.py beside the checkpoints it saves;
+    they cannot consolidate ours (expert slices, see above), `u2moe export` does."""
+    for name in ("zero_to_fp32.py", "zero_to_torch.py"):
+        (ckpt_root / name).unlink(missing_ok=True)
 
 
 def load_latest(engine: Any, ckpt_root: Path, config: dict[str, Any]) -> dict[str, Any] | None:

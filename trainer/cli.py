@@ -6,28 +6,35 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from ..configs.experiment import load_config
 from .distributed import cap_gpu_memory, distributed
 from .export import export_model
+from .run_log import RunLog
 from .train import TrainPaths, run_training
+from .vocab_size import load_training_config
 from .watchdog import process_group_timeout
 
 
 def _train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)  # before any process group: bad keys fail fast
+    # Before any process group: bad keys fail fast.
+    cfg = load_training_config(args.config, args.set, args.units)
     with distributed(process_group_timeout(cfg.train.watchdog_seconds)) as info:
-        cap_gpu_memory(info.device, args.max_gpu_memory_gb)
+        handlers: list[logging.Handler] = [logging.StreamHandler()]
+        run_log = RunLog() if info.is_main else None
+        if run_log is not None:
+            handlers.append(run_log)
         logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
-                            format=f"%(asctime)s [rank {info.rank}] %(message)s")
+                            format=f"%(asctime)s [rank {info.rank}] %(message)s", handlers=handlers)
+        cap_gpu_memory(info.device, args.max_gpu_memory_gb)
         paths = TrainPaths(args.train_shards, args.dev_shards, args.units, args.cmvn, Path(args.exp_dir),
                            args.ds_config, args.init_model)
-        run_training(cfg, paths, info, args.max_steps, args.max_minutes)
+        run_training(cfg, paths, info, args.max_steps, args.max_minutes, run_log)
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    used = export_model(Path(args.exp_dir), Path(args.out), args.average, args.tag)
-    print(f"wrote {args.out} from {', '.join(used)}")
+    out = Path(args.out) if args.out else Path(args.exp_dir) / "model.pt"
+    used = export_model(Path(args.exp_dir), out, args.average, args.tag, args.val_best)
+    print(f"wrote {out} from {', '.join(used)}")
     return 0
 
 
@@ -47,7 +54,8 @@ def add_model_and_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="preset name or experiment yaml")
     p.add_argument("--ds-config", required=True, help="DeepSpeed JSON (ds_configs/)")
     p.add_argument("--train-shards", required=True, help="shards.list of the training set")
-    p.add_argument("--units", required=True, help="units directory (u2moe prep units)")
+    p.add_argument("--units", required=True,
+                   help="units directory (u2moe prep units), which gives model.vocab_size unless you set it")
     p.add_argument("--cmvn", required=True, help="global CMVN JSON (u2moe prep cmvn)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. optim.lr=5e-4 (repeatable)")
@@ -68,8 +76,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_train)
 
     p = sub.add_parser("export", help="consolidate checkpoints into one fp32 model.pt")
-    p.add_argument("--exp-dir", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--exp-dir", default=".", help="run directory of `u2moe train` (its checkpoints/)")
+    p.add_argument("--out", default=None, help="model file to write (default: EXP_DIR/model.pt)")
     p.add_argument("--average", type=positive(int), default=1, help="average the last N checkpoints")
+    p.add_argument("--val-best", action="store_true",
+                   help="average the N of lowest dev loss instead of the last N (WeNet's --val_best)")
     p.add_argument("--tag", default=None, help="export (or end the average at) this checkpoint, e.g. step_00005000")
     p.set_defaults(handler=_export)

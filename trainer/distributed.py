@@ -16,6 +16,8 @@ from typing import Iterator
 
 import torch
 
+from .device_pick import pick_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -58,11 +60,10 @@ def init_distributed(timeout: timedelta | None = None) -> DistInfo:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
+    device = pick_device(local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
     extra = {"timeout": timeout} if timeout is not None else {}
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **extra)
     if backend == "gloo" and int(os.environ["WORLD_SIZE"]) > 1:

@@ -1,4 +1,5 @@
-"""`u2moe export`: one consolidated fp32 `model.pt` from a run's checkpoints, optionally averaged."""
+"""`u2moe export`: one consolidated fp32 `model.pt` from a run's checkpoints, optionally averaged
+(the last N, or the N of lowest dev loss)."""
 from __future__ import annotations
 
 import json
@@ -9,24 +10,27 @@ import yaml
 
 from ..configs.experiment import ExperimentConfig
 from ..configs.loading import ConfigError, from_dict
+from ..data_prep.progress_bar import progress_bar
 from ..data_prep.tokenizer import read_units
 from ..inference.model_file import save_model_file
 from ..model import U2Model
 from .checkpoint import read_fp32_weights, usable_tags
+from .val_best import best_tags, dev_losses
 
 
 def average_weights(tag_dirs: list[Path]) -> dict[str, torch.Tensor]:
     """Element-wise mean of the checkpoints' fp32 weights (WeNet's average_model, in fp64)."""
     total: dict[str, torch.Tensor] = {}
-    for tag_dir in tag_dirs:
+    for tag_dir in progress_bar(tag_dirs, "export", len(tag_dirs), "checkpoint"):
         for name, value in read_fp32_weights(tag_dir).items():
             total[name] = total[name] + value.double() if name in total else value.double()
     return {name: (value / len(tag_dirs)).float() for name, value in total.items()}
 
 
-def export_model(exp_dir: Path, out: Path, average: int = 1, tag: str | None = None) -> list[str]:
-    """Write `out` from the `average` checkpoints of `exp_dir` ending at `tag` (default: the
-    newest); returns the tags used."""
+def export_model(exp_dir: Path, out: Path, average: int = 1, tag: str | None = None,
+                 val_best: bool = False) -> list[str]:
+    """Write `out` from the `average` checkpoints of `exp_dir` up to `tag` (default: the newest):
+    the last ones, or with `val_best` those of lowest dev loss; returns the tags used."""
 
     ckpt_root = exp_dir / "checkpoints"
     tags = usable_tags(ckpt_root)
@@ -38,7 +42,7 @@ def export_model(exp_dir: Path, out: Path, average: int = 1, tag: str | None = N
         tags = tags[:tags.index(tag) + 1]
     if average < 1 or average > len(tags):
         raise ConfigError(f"--average {average}: {ckpt_root} has {len(tags)} checkpoints to average")
-    used = tags[-average:]
+    used = best_tags(tags, dev_losses(exp_dir), average, ckpt_root) if val_best else tags[-average:]
     cfg = from_dict(ExperimentConfig, yaml.safe_load((exp_dir / "train.yaml").read_text()),
                     source=str(exp_dir / "train.yaml"))
     units_dir = Path(json.loads((exp_dir / "paths.json").read_text())["units"])

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 logger = logging.getLogger("u2moe.train")
+METRICS_FILE = "metrics.jsonl"
 
 
 class BlankOutputWatch:
@@ -148,7 +149,7 @@ class Reporter:
         self.enabled = enabled
         self.exp_dir = exp_dir
         self.writer = None
-        self.jsonl = exp_dir / "metrics.jsonl"
+        self.jsonl = exp_dir / METRICS_FILE
 
     def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
         if not self.enabled:

@@ -45,6 +45,7 @@ from .ds_config import (
 )
 from .optim import build_optimizer
 from .progress import BlankOutputWatch, Reporter, ThroughputMeter, dev_line, gpu_memory_gb
+from .run_log import RunLog
 from .scheduler import warmup_lr
 from .watchdog import StepWatchdog
 
@@ -505,7 +506,7 @@ class Trainer:
 
 
 def run_training(cfg: ExperimentConfig, paths: TrainPaths, info: DistInfo, max_steps: int | None,
-                 max_minutes: float | None = None) -> None:
+                 max_minutes: float | None = None, run_log: RunLog | None = None) -> None:
     if max_steps is not None:
         cfg.train.max_steps = max_steps
     # Every check (inputs, config, the checkpoint to resume) before anything is written: a refused
@@ -517,5 +518,7 @@ def run_training(cfg: ExperimentConfig, paths: TrainPaths, info: DistInfo, max_s
     if info.is_main:
         (paths.exp_dir / "train.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (paths.exp_dir / "paths.json").write_text(json.dumps({k: str(v) for k, v in vars(paths).items()}, indent=1))
+    if run_log is not None:
+        run_log.open(paths.exp_dir)
     with trainer.watchdog:
         trainer.train()

@@ -13,13 +13,14 @@ from .bench import cli as bench_cli
 from .configs.loading import ConfigError
 from .data_prep import cli as data_prep_cli
 from .data_prep.errors import DataPrepError
+from .help_format import HelpParser
 from .inference import cli as inference_cli
 from .model.attention import avoid_per_shape_attention_plans
 from .trainer import cli as trainer_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="u2moe", description=__doc__.splitlines()[0])
+    parser = HelpParser(prog="u2moe", description=__doc__.splitlines()[0])
     # `deepspeed --module u2moe` inserts --local_rank=N before the command; LOCAL_RANK in the
     # environment is what the trainer reads.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)

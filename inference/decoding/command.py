@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ...data_prep.batching import static_batches
 from ...data_prep.errors import DataPrepError
+from ...data_prep.progress_bar import progress_bar
 from ...data_prep.stats import DataStats
 from ...data_prep.tokenizer import Tokenizer
 from ..model_file import load_model_file
@@ -39,7 +40,7 @@ def run_decode(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         utts = read_utterances(data_cfg, stats, shards=args.shards, data_dir=args.data_dir)
-        for batch in static_batches(utts, args.batch_size):
+        for batch in static_batches(progress_bar(utts, "decode", unit="utt"), args.batch_size):
             feats, lengths = batch_fbank([u.wave for u in batch], data_cfg, args.device)
             result = decode_batch(model, feats.to(dtype), lengths, modes, opts)
             for m in modes:

@@ -19,7 +19,7 @@ ds_config=              # default: ds_configs/zero2_bf16.json of this repository
 gpus=                   # default: every GPU of this node (2 CPU processes without one)
 expert_parallel_size=8
 train_opts=""           # extra `u2moe train` arguments, e.g. "--set optim.lr=5e-4 --max-steps 1000"
-average_num=10
+average_num=5           # at most the presets' train.keep_checkpoints (5)
 decode_modes=ctc_greedy,ctc_prefix_beam,attention,attention_rescoring
 test_sets="test"
 nj=8

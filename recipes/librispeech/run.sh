@@ -24,7 +24,7 @@ gpus=                   # default: every GPU of this node (2 CPU processes witho
 expert_parallel_size=8
 vocab_size=5000
 train_opts=""           # extra `u2moe train` arguments, e.g. "--set optim.lr=5e-4 --max-steps 1000"
-average_num=10
+average_num=5           # at most the presets' train.keep_checkpoints (5)
 decode_modes=ctc_greedy,ctc_prefix_beam,attention,attention_rescoring
 nj=8
 utts_per_shard=1000     # utterances per shard: training needs at least one shard per GPU

@@ -5,6 +5,9 @@
 #   tests/slurm/start_cluster.sh STATE_DIR    # prints the SLURM_CONF to export
 #   tests/slurm/start_cluster.sh --stop STATE_DIR
 # Needs root (slurmd runs jobs as their user) and the packages slurmctld slurmd slurm-client munge.
+# The node has FAKE_GPUS GPUs (default 8, what launch/slurm_train.sbatch asks for): generic
+# resources backed by device files that are not GPUs. Jobs can ask for GPUs and get Slurm's
+# CUDA_VISIBLE_DEVICES, though no CUDA device is behind them.
 set -euo pipefail
 if [ "${1:-}" = "--stop" ]; then
   state=$2
@@ -18,6 +21,13 @@ mkdir -p "$state"/{spool,ctld}
 host=$(hostname -s)
 cpus=$(getconf _NPROCESSORS_ONLN)  # not nproc: it follows OMP_NUM_THREADS
 mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
+gpus=${FAKE_GPUS:-8}
+: > "$state/gres.conf"
+for i in $(seq 0 $((gpus - 1))); do
+  # A character device (a copy of /dev/null): what gres.conf accepts as a GPU file.
+  [ -c "$state/fake_gpu$i" ] || mknod "$state/fake_gpu$i" c 1 3
+  echo "Name=gpu File=$state/fake_gpu$i" >> "$state/gres.conf"
+done
 cat > "$state/slurm.conf" <<CONF
 ClusterName=u2moe-test
 SlurmctldHost=$host
@@ -40,7 +50,8 @@ ReturnToService=2
 MpiDefault=none
 JobCompType=jobcomp/none
 AccountingStorageType=accounting_storage/none
-NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
+GresTypes=gpu
+NodeName=$host CPUs=$cpus RealMemory=$mem Gres=gpu:$gpus State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
 export SLURM_CONF="$state/slurm.conf"
