@@ -28,7 +28,7 @@ from torch import nn
 
 from ..configs.model import FeedForwardConfig
 from ..model.feed_forward import PositionwiseFeedForward
-from ..model.moe.all_to_all_dispatcher import ALL_TO_ALL_TIMER
+from ..model.moe.all_to_all_dispatcher import AllToAllTimer
 from ..model.moe.backends import GEMMS
 from ..model.moe.layer import MoEFeedForward
 from ..trainer.distributed import DistInfo, distributed
@@ -163,12 +163,12 @@ def bench_moe(args: argparse.Namespace) -> dict:
                     time_steps(graphed_train_step(m, x, f), device, args.warmup, args.iters))
                 row["dense_graphed"] = replayed(dense, lambda t: dense(t))
                 row["ideal_graphed"] = args.top_k * row["dense_graphed"]
-                moe.static_shapes = True
+                moe.use_static_shapes(True)
                 # A graph holds no host read: the backends that make none.
                 for backend in (b for b in args.backends if b in GEMMS and not GEMMS[b].reads_host):
                     moe.experts.backend = backend
                     row[f"{backend}_graphed"] = replayed(moe, lambda t: moe(t, valid))
-                moe.static_shapes = False
+                moe.use_static_shapes(False)
             rows.append(row)
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
                               for k, v in row.items()}), flush=True)
@@ -194,7 +194,7 @@ def _profile(args: argparse.Namespace) -> None:
         module = dense if name == "dense" else moe
         if module is moe:
             moe.experts.backend = name
-        moe.static_shapes = graphed
+        moe.use_static_shapes(graphed)
         step = (graphed_train_step if graphed else _train_step)(module, x, lambda t: module(t, valid))
         for _ in range(3):
             step()
@@ -204,7 +204,7 @@ def _profile(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         print(f"--- profile {name}{' graphed' if graphed else ''} (5 steps, T={frames} d={dim} ffn={hidden})")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
-    moe.static_shapes = False
+    moe.use_static_shapes(False)
 
 
 def bench_moe_ep(args: argparse.Namespace) -> dict:
@@ -232,11 +232,10 @@ def _moe_ep_rows(args: argparse.Namespace, info: DistInfo, dtype: torch.dtype) -
                                args.warmup, args.iters)
         step = _train_step(split, x, lambda t: split(t, valid))
         time_steps(step, info.device, args.warmup, 0)
-        ALL_TO_ALL_TIMER.enabled = True
-        ALL_TO_ALL_TIMER.take()
+        timer = AllToAllTimer()
+        split.time_exchanges(timer)
         ep_ms = time_steps(step, info.device, 0, args.iters)
-        a2a_ms = ALL_TO_ALL_TIMER.take() * 1e3
-        ALL_TO_ALL_TIMER.enabled = False
+        a2a_ms = timer.take() * 1e3
         mine = {"local_ms": statistics.median(local_ms), "ep_ms": statistics.median(ep_ms),
                 "a2a_share": a2a_ms / sum(ep_ms)}
         every = [None] * world

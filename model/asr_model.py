@@ -7,10 +7,11 @@ from torch import nn
 from ..configs.model import ModelConfig
 from .cmvn import GlobalCMVN
 from .ctc import CTC
-from .decoder import BiTransformerDecoder
+from .decoder import BiTransformerDecoder, TransformerDecoder
 from .encoder import ConformerEncoder
 from .label_smoothing import LabelSmoothingLoss
 from .moe import MoEFeedForward
+from .moe.all_to_all_dispatcher import AllToAllTimer
 from .targets import add_sos_eos, reverse_padded
 
 
@@ -29,6 +30,29 @@ class U2Model(nn.Module):
 
     def moe_layers(self) -> list[tuple[str, MoEFeedForward]]:
         return self._moe_layers
+
+    def layer_stacks(self) -> list[tuple[ConformerEncoder | TransformerDecoder, nn.ModuleList]]:
+        """The encoder's and each decoder's block stack, with the module that runs it (whose
+        `set_layer_runner` replaces how it runs in training)."""
+        stacks: list[tuple[ConformerEncoder | TransformerDecoder, nn.ModuleList]] = [
+            (self.encoder, self.encoder.encoders)]
+        for decoder in (self.decoder.left_decoder, self.decoder.right_decoder):
+            if decoder is not None:
+                stacks.append((decoder, decoder.decoders))
+        return stacks
+
+    def use_static_shapes(self, enabled: bool = True) -> None:
+        """Every MoE layer keeps padded frames in place, skipped (MoEFeedForward.use_static_shapes):
+        fixed shapes and no host reads, for CUDA graph capture."""
+        for _, layer in self._moe_layers:
+            layer.use_static_shapes(enabled)
+
+    def time_expert_exchanges(self) -> AllToAllTimer:
+        """A timer of every expert-parallel all-to-all this model runs from now on."""
+        timer = AllToAllTimer()
+        for _, layer in self._moe_layers:
+            layer.time_exchanges(timer)
+        return timer
 
     def forward(self, feats: torch.Tensor, feats_lengths: torch.Tensor, target: torch.Tensor,
                 target_lengths: torch.Tensor) -> dict[str, torch.Tensor]:

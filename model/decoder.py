@@ -16,7 +16,7 @@ from .mask import make_non_pad_mask, subsequent_mask
 
 
 class TransformerDecoder(nn.Module):
-    # Set by the trainer, never saved or scripted: see `layer_runner` below.
+    # Never saved or scripted: see `set_layer_runner`.
     __jit_ignored_attributes__ = ["layer_runner"]
 
     def __init__(self, vocab_size: int, dim: int, num_blocks: int, cfg: DecoderConfig):
@@ -27,9 +27,12 @@ class TransformerDecoder(nn.Module):
         self.gradient_checkpointing = cfg.gradient_checkpointing
         self.after_norm = nn.LayerNorm(dim)
         self.output_layer = nn.Linear(dim, vocab_size)
-        # In training, run in place of `run_layers` when set (with the same arguments): the
-        # trainer's CUDA graphs (trainer/cuda_graphs.py).
         self.layer_runner: Callable[..., torch.Tensor] | None = None
+
+    def set_layer_runner(self, runner: Callable[..., torch.Tensor] | None) -> None:
+        """In training, call `runner` in place of `run_layers` (with the same arguments): how the
+        trainer replays the blocks as CUDA graphs (trainer/cuda_graphs.py). None: run_layers."""
+        self.layer_runner = runner
 
     def forward(self, memory: torch.Tensor | None, memory_valid: torch.Tensor, ys_in: torch.Tensor,
                 ys_in_lens: torch.Tensor, memory_kv: list[torch.Tensor] | None = None) -> torch.Tensor:

@@ -16,7 +16,7 @@ from .subsampling import Conv2dSubsampling
 
 
 class ConformerEncoder(nn.Module):
-    # Set by the trainer, never saved or scripted: see `layer_runner` below.
+    # Never saved or scripted: see `set_layer_runner`.
     __jit_ignored_attributes__ = ["layer_runner"]
 
     def __init__(self, cfg: EncoderConfig, cmvn: GlobalCMVN | None = None):
@@ -28,9 +28,12 @@ class ConformerEncoder(nn.Module):
         self.pos_enc = RelPositionalEncoding(cfg.output_size, cfg.positional_dropout_rate)
         self.encoders = nn.ModuleList(ConformerEncoderLayer(cfg) for _ in range(cfg.num_blocks))
         self.after_norm = nn.LayerNorm(cfg.output_size)
-        # In training, run in place of `run_layers` when set (with the same arguments): the
-        # trainer's CUDA graphs (trainer/cuda_graphs.py).
         self.layer_runner: Callable[..., torch.Tensor] | None = None
+
+    def set_layer_runner(self, runner: Callable[..., torch.Tensor] | None) -> None:
+        """In training, call `runner` in place of `run_layers` (with the same arguments): how the
+        trainer replays the blocks as CUDA graphs (trainer/cuda_graphs.py). None: run_layers."""
+        self.layer_runner = runner
 
     def output_size(self) -> int:
         return self.cfg.output_size

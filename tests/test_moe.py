@@ -41,7 +41,7 @@ def test_moe_matches_per_frame_loop(num_experts, top_k, padded, static_shapes):
     """Also with padded frames kept in place and skipped (CUDA graphs' static shapes): the same
     outputs and gradients."""
     moe = _layer(num_experts, top_k)
-    moe.static_shapes = static_shapes
+    moe.use_static_shapes(static_shapes)
     x = torch.randn(3, 7, 12, dtype=torch.float64, requires_grad=True)
     valid = None
     if padded:

@@ -163,7 +163,7 @@ def test_graphed_bench_step_gives_the_eager_gradients(backend):
     eager = MoEFeedForward(256, cfg).to("cuda", torch.bfloat16)
     eager.experts.backend = backend
     graphed = copy.deepcopy(eager)
-    graphed.static_shapes = True
+    graphed.use_static_shapes(True)
     x = torch.randn(4, 300, 256, device="cuda", dtype=torch.bfloat16)
     valid = torch.arange(300, device="cuda")[None] < torch.tensor([[300], [200], [50], [1]], device="cuda")
     grad = torch.randn_like(x)

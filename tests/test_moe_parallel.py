@@ -8,6 +8,7 @@ import torch.distributed as dist
 from spawn_helpers import send_result, spawn_ranks
 from u2moe.configs.model import FeedForwardConfig
 from u2moe.model.moe import MoEFeedForward
+from u2moe.model.moe.all_to_all_dispatcher import AllToAllTimer
 from u2moe.model.moe.parallel import (is_expert_key, merge_expert_state_dicts,
                                       shard_expert_state_dict)
 
@@ -88,18 +89,17 @@ def test_expert_parallel_2_equals_single_process(num_experts, top_k):
 
 
 def _timer_worker(rank: int, world: int, port: int, queue) -> None:
-    from u2moe.model.moe.all_to_all_dispatcher import ALL_TO_ALL_TIMER
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         moe = _layer(8, 2)
         moe.shard_experts(dist.group.WORLD)
         x, valid, grad_out = _inputs(8)
-        ALL_TO_ALL_TIMER.enabled = True
+        timer = AllToAllTimer()
+        moe.time_exchanges(timer)
         moe(x[rank].clone().requires_grad_(True), valid[rank]).backward(grad_out[rank])
-        seconds = ALL_TO_ALL_TIMER.take()
-        send_result(queue, rank, (ALL_TO_ALL_TIMER.calls, seconds, ALL_TO_ALL_TIMER.take()))
+        seconds = timer.take()
+        send_result(queue, rank, (timer.calls, seconds, timer.take()))
     finally:
         dist.destroy_process_group()
 

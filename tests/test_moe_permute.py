@@ -95,7 +95,7 @@ def layer_outputs(device, dtype, num_experts, top_k, dim, frames, static_shapes=
     cfg = FeedForwardConfig(type="moe", hidden_units=2 * dim, dropout_rate=0.0,
                             num_experts=num_experts, top_k=top_k)
     moe = MoEFeedForward(dim, cfg).to(device, dtype)
-    moe.static_shapes = static_shapes
+    moe.use_static_shapes(static_shapes)
     if backend is not None:
         moe.experts.backend = backend
     x = torch.randn(3, frames, dim, device=device, dtype=dtype, requires_grad=True)

@@ -55,9 +55,12 @@ def test_a_size_the_user_set_must_agree(units, tmp_path):
 
 def test_train_refuses_a_conflict_in_one_line_naming_both(units, tmp_path):
     units_dir, _ = units
+    present = tmp_path / "x"  # input paths are checked first: the others only need to exist
+    present.touch()
     proc = subprocess.run([sys.executable, "-m", "u2moe", "train", "--config", "tiny_moe", "--ds-config",
-                           str(REPO / "ds_configs" / "zero0_bf16.json"), "--train-shards", "x", "--dev-shards", "x",
-                           "--units", str(units_dir), "--cmvn", "x", "--exp-dir", str(tmp_path / "exp"),
+                           str(REPO / "ds_configs" / "zero0_bf16.json"), "--train-shards", str(present),
+                           "--dev-shards", str(present), "--units", str(units_dir), "--cmvn", str(present),
+                           "--exp-dir", str(tmp_path / "exp"),
                            "--set", "model.vocab_size=300"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("u2moe train: error: model.vocab_size is 300, but ")

@@ -15,7 +15,10 @@ from .watchdog import process_group_timeout
 
 
 def _train(args: argparse.Namespace) -> int:
-    # Before any process group: bad keys fail fast.
+    paths = TrainPaths(args.train_shards, args.dev_shards, args.units, args.cmvn, Path(args.exp_dir),
+                       args.ds_config, args.init_model)
+    # Before any process group: missing inputs and bad keys fail fast.
+    paths.check()
     cfg = load_training_config(args.config, args.set, args.units)
     with distributed(process_group_timeout(cfg.train.watchdog_seconds)) as info:
         handlers: list[logging.Handler] = [logging.StreamHandler()]
@@ -25,8 +28,6 @@ def _train(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                             format=f"%(asctime)s [rank {info.rank}] %(message)s", handlers=handlers)
         cap_gpu_memory(info.device, args.max_gpu_memory_gb)
-        paths = TrainPaths(args.train_shards, args.dev_shards, args.units, args.cmvn, Path(args.exp_dir),
-                           args.ds_config, args.init_model)
         run_training(cfg, paths, info, args.max_steps, args.max_minutes, run_log)
     return 0
 

@@ -5,7 +5,7 @@ Python, autograd and launch time, keep an H100 busy 7-8% of a step (docs/RESULTS
 A graph replays the encoder's (or a decoder's) whole forward, or backward, in one launch. What a
 graph holds is fixed: tensor shapes and addresses, and no host reads. So the batches come in a
 few fixed shapes (`data.batch.type: bucket`), the MoE layers keep padded frames in place,
-skipped, instead of removing them (`MoEFeedForward.static_shapes`), and each stack keeps one
+skipped, instead of removing them (`U2Model.use_static_shapes`), and each stack keeps one
 graph pair per shape, captured the second time the shape comes (a few tenths of a second) and
 replayed after that.
 Everything else of the step (features, embeddings, masks, CTC and attention losses, optimizer,
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..configs.loading import ConfigError
-from ..model.moe import MoEFeedForward
+from ..model.asr_model import U2Model
 from ..model.moe.backends import GEMMS, backend_override, select_backend
 from .ds_config import autocast_dtype, precision
 
@@ -146,7 +146,7 @@ class _Eager(torch.autograd.Function):
 
 
 class GraphedLayers:
-    """Stands in for a stack's `run_layers` in training (`layer_runner`): replays the graph of
+    """Stands in for a stack's `run_layers` in training (`set_layer_runner`): replays the graph of
     the inputs' shapes, captured when the shape comes the second time; runs eagerly the first
     time, and for any shape beyond `max_shapes`."""
 
@@ -177,21 +177,15 @@ class GraphedLayers:
         return _Replay.apply(graph, *args, *params)
 
 
-def install(model: nn.Module, max_shapes: int) -> list[GraphedLayers]:
-    """Graph the encoder's and each decoder's layers (training only) and make the MoE layers route
-    padding. Returns the runners (their capture counts are the run's to report)."""
-
-    for module in model.modules():
-        if isinstance(module, MoEFeedForward):
-            module.static_shapes = True
+def install(model: U2Model, max_shapes: int) -> list[GraphedLayers]:
+    """Graph the encoder's and each decoder's layers (training only) and keep the MoE layers'
+    shapes static. Returns the runners (their capture counts are the run's to report)."""
+    model.use_static_shapes()
     runners = []
-    stacks = [(model.encoder, model.encoder.encoders)]
-    for decoder in (model.decoder.left_decoder, model.decoder.right_decoder):
-        if decoder is not None:
-            stacks.append((decoder, decoder.decoders))
-    for owner, layers in stacks:
-        owner.layer_runner = GraphedLayers(owner.run_layers, layers, max_shapes)
-        runners.append(owner.layer_runner)
+    for owner, layers in model.layer_stacks():
+        runner = GraphedLayers(owner.run_layers, layers, max_shapes)
+        owner.set_layer_runner(runner)
+        runners.append(runner)
     return runners
 
 

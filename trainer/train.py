@@ -26,27 +26,14 @@ from ..inference.model_file import load_model_file
 from ..model import U2Model
 from ..model.cmvn import GlobalCMVN, load_cmvn
 from ..model.flops import peak_tflops, training_flops
-from ..model.moe.all_to_all_dispatcher import ALL_TO_ALL_TIMER
-from ..model.moe.parallel import enable_expert_parallel
 from .checkpoint import load_latest, save_checkpoint
-from .clipping import GradClipper
-from .compute_weights import Bf16ComputeWeights
-from .cuda_graphs import install as install_cuda_graphs
-from .cuda_graphs import refuse_unsupported as refuse_cuda_graphs
-from .distributed import DistInfo, limit_host_threads
+from .distributed import DistInfo
 from .ds_config import (
-    autocast_dtype,
-    engine_config,
     load_ds_config,
-    offloads_to_host,
-    precision,
-    trainer_clips,
-    trainer_runs_bf16,
 )
-from .optim import build_optimizer
+from .engine import build_engine, refuse_incompatible
 from .progress import BlankOutputWatch, Reporter, ThroughputMeter, dev_line, gpu_memory_gb
 from .run_log import RunLog
-from .scheduler import warmup_lr
 from .watchdog import StepWatchdog
 
 logger = logging.getLogger("u2moe.train")
@@ -95,24 +82,14 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, paths: TrainPaths, info: DistInfo,
                  max_minutes: float | None = None):
-        import deepspeed
-
         self.cfg, self.paths, self.info = cfg, paths, info
         self.max_minutes = max_minutes
         self.tokenizer = Tokenizer.load(paths.units)
         if self.tokenizer.vocab_size != cfg.model.vocab_size:
             raise ConfigError(f"{paths.units}: {self.tokenizer.vocab_size} units, but model.vocab_size is "
-                             f"{cfg.model.vocab_size}; set --set model.vocab_size={self.tokenizer.vocab_size}")
+                              f"{cfg.model.vocab_size}; set --set model.vocab_size={self.tokenizer.vocab_size}")
         ds_cfg = load_ds_config(paths.ds_config, cfg.train, info.world_size)
-        if cfg.train.compile and trainer_runs_bf16(ds_cfg):
-            raise ConfigError(f"train.compile: not with bf16 without ZeRO ({paths.ds_config}), whose forward swaps in "
-                              "bf16 weights every step; use torch_autocast")
-        if cfg.train.cuda_graphs:
-            refuse_cuda_graphs(cfg, ds_cfg, paths.ds_config, info)
-        if not offloads_to_host(ds_cfg):  # an offloaded optimizer step needs the host's threads
-            limit_host_threads(info.device, cfg.train.host_threads)
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision(ds_cfg)]
-        self.autocast = autocast_dtype(ds_cfg)  # DeepSpeed applies it in training; evaluate() too
+        refuse_incompatible(cfg, ds_cfg, paths.ds_config, info)
         torch.manual_seed(cfg.train.seed)
         try:
             cmvn = GlobalCMVN(*load_cmvn(paths.cmvn))
@@ -121,56 +98,20 @@ class Trainer:
         model = U2Model(cfg.model, cmvn)
         if paths.init_model:
             self._warm_start(model, paths.init_model)
-        expert_group = None
-        if model.moe_layers():
-            # After the warm start: the full model's experts are sliced for this rank here, so a
-            # model.pt from any expert-parallel size starts any other.
-            ep = cfg.train.expert_parallel_size
-            for part in ("encoder", "decoder"):
-                ffn = getattr(cfg.model, part).ffn
-                if ffn.type == "moe" and ffn.num_experts % ep:
-                    raise ConfigError(f"train.expert_parallel_size={ep} does not divide model.{part}.ffn.num_experts="
-                                      f"{ffn.num_experts}: each rank holds the same number of experts")
-            if info.world_size % ep:
-                raise ConfigError(f"train.expert_parallel_size={ep} does not divide the world size {info.world_size}")
-            from deepspeed.utils import groups
-
-            expert_group = groups._get_expert_parallel_group(
-                enable_expert_parallel(model, cfg.train.expert_parallel_size))
-        # On the device before the optimizer is built: torch's fused AdamW (one kernel for all
-        # parameters) needs device parameters; ZeRO replaces them with its own flat partitions.
-        model.to(info.device)
-        if cfg.train.compile:
-            for layer in [*model.encoder.encoders, *model.decoder.layers()]:
-                layer.compile(dynamic=True)  # in place: parameter names, checkpoints unchanged
-        optimizer = build_optimizer(model, cfg.optim)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=warmup_lr(optimizer, cfg.optim.warmup_steps),
-            config=engine_config(ds_cfg))
-        one_plain_process = info.world_size == 1 and not self.engine.zero_optimization()
-        if one_plain_process:
-            # Nothing to reduce, yet DeepSpeed would flatten every gradient into a bucket,
-            # "all-reduce" it and copy it back: one copy per parameter and step, about a tenth of
-            # a host-bound step's launches (docs/RESULTS.md, issue 10).
-            self.engine.enable_backward_allreduce = False
-        # Persistent bf16 copies of the weights (trainer/compute_weights.py): those autocast would
-        # cast every step, or all of them where the trainer runs DeepSpeed's bf16 mode itself
-        # (load_ds_config allows that for one process only).
-        self.compute_weights = Bf16ComputeWeights(model, whole_model=True) if trainer_runs_bf16(ds_cfg) else (
-            Bf16ComputeWeights(model) if one_plain_process and not cfg.train.compile
-            and self.autocast == torch.bfloat16 else None)
-        # After the compute weights: the graphs are captured on the tensors the forward will hold.
-        self.graphed_layers = install_cuda_graphs(model, cfg.train.cuda_graph_shapes) if cfg.train.cuda_graphs else []
+        built = build_engine(model, cfg, ds_cfg, info)
         self.model = model
-        self.clipper = GradClipper(model, cfg.train.grad_clip, expert_group) if trainer_clips(ds_cfg) else None
+        self.engine, self.scheduler = built.engine, built.scheduler
+        self.dtype, self.autocast = built.dtype, built.autocast
+        self.compute_weights, self.clipper, self.graphed_layers = \
+            built.compute_weights, built.clipper, built.graphed_layers
         self.grad_norm: torch.Tensor | None = None  # the last step's, when the trainer clips
         self.peak_tflops = peak_tflops(torch.cuda.get_device_name(info.device)) if info.device.type == "cuda" else None
         self.features = FeatureExtractor(cfg.data).to(info.device) if cfg.data.device_features else None
         self.ckpt_root = paths.exp_dir / "checkpoints"
         self.reporter = Reporter(paths.exp_dir, info.is_main)
         self.blank_watch = BlankOutputWatch(cfg.optim.warmup_steps)
-        # Entered around resume and training (run_training); beaten at every step, evaluation
-        # batch and checkpoint.
+        # Entered around training (run_training); beaten at every step, evaluation batch and
+        # checkpoint.
         self.watchdog = StepWatchdog(paths.exp_dir / "heartbeats", info.rank, info.world_size,
                                      cfg.train.watchdog_seconds)
         self.epoch = 0
@@ -230,9 +171,7 @@ class Trainer:
         """Under expert parallelism, the time the expert all-to-alls take (for the log)."""
         if self.cfg.train.expert_parallel_size == 1 or not self.model.moe_layers():
             return None
-
-        ALL_TO_ALL_TIMER.enabled = True
-        return ALL_TO_ALL_TIMER.take
+        return self.model.time_expert_exchanges().take
 
     def batch_frames(self, batch: dict[str, Any]) -> list[int]:
         """Fbank frames of each utterance, from the batch's host-side lengths (no device read)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -23,21 +23,18 @@ from .router import Routing
 
 
 class AllToAllTimer:
-    """Time spent in the expert all-to-alls, forward and backward, when enabled (the trainer
-    reports its share of step time). On a GPU, CUDA events around each collective on the
-    current stream, read only when `take` is called; on the CPU, wall time."""
+    """Time spent in the expert all-to-alls, forward and backward, of the dispatchers it is
+    given to (`U2Model.time_expert_exchanges`; the trainer reports its share of step time). On a
+    GPU, CUDA events around each collective on the current stream, read only when `take` is
+    called; on the CPU, wall time."""
 
     def __init__(self) -> None:
-        self.enabled = False
         self.calls = 0
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._seconds = 0.0
 
     @contextmanager
     def time(self, device: torch.device) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
         self.calls += 1
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -58,13 +55,14 @@ class AllToAllTimer:
         return seconds
 
 
-ALL_TO_ALL_TIMER = AllToAllTimer()
+def _timed(timer: AllToAllTimer | None, device: torch.device) -> AbstractContextManager:
+    return nullcontext() if timer is None else timer.time(device)
 
 
 def _exchange(x: torch.Tensor, out_rows: int, out_splits: list[int], in_splits: list[int],
-              group: dist.ProcessGroup) -> torch.Tensor:
+              group: dist.ProcessGroup, timer: AllToAllTimer | None) -> torch.Tensor:
     out = x.new_empty(out_rows, *x.shape[1:])
-    with ALL_TO_ALL_TIMER.time(x.device):
+    with _timed(timer, x.device):
         dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
     return out
 
@@ -74,14 +72,14 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, recv_splits: list[int], send_splits: list[int],
-                group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.splits, ctx.group = (recv_splits, send_splits), group
-        return _exchange(x, sum(recv_splits), recv_splits, send_splits, group)
+                group: dist.ProcessGroup, timer: AllToAllTimer | None) -> torch.Tensor:
+        ctx.splits, ctx.group, ctx.timer = (recv_splits, send_splits), group, timer
+        return _exchange(x, sum(recv_splits), recv_splits, send_splits, group, timer)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         recv_splits, send_splits = ctx.splits
-        return _exchange(grad, sum(send_splits), send_splits, recv_splits, ctx.group), None, None, None
+        return _exchange(grad, sum(send_splits), send_splits, recv_splits, ctx.group, ctx.timer), None, None, None, None
 
 
 @dataclass
@@ -104,23 +102,24 @@ class AllToAllTokenDispatcher:
         self.ep_size = dist.get_world_size(group)
         self.num_local_experts = num_experts // self.ep_size
         self.local = SortedTokenDispatcher(num_experts)
+        self.timer: AllToAllTimer | None = None  # set by U2Model.time_expert_exchanges
 
     def dispatch(self, x: torch.Tensor, routing: Routing
                  ) -> tuple[torch.Tensor, ExpertGroups, AllToAllState]:
         if routing.skip is not None:  # the exchange's split sizes are host reads anyway
-            raise ValueError("skipped frames (MoEFeedForward.static_shapes) need expert parallelism 1")
+            raise ValueError("skipped frames (MoEFeedForward.use_static_shapes) need expert parallelism 1")
         permuted, local_groups, local_state = self.local.dispatch(x, routing)
         tokens_per_expert = local_groups.counts
         # recv_counts[s, e]: frames rank s sends to this rank's local expert e.
         recv_counts = torch.empty_like(tokens_per_expert)
-        with ALL_TO_ALL_TIMER.time(x.device):
+        with _timed(self.timer, x.device):
             dist.all_to_all_single(recv_counts, tokens_per_expert, group=self.group)
         recv_counts = recv_counts.view(self.ep_size, self.num_local_experts)
         # The one host sync of the layer: all-to-all split sizes live on the host.
         send_splits, recv_splits = torch.stack([
             tokens_per_expert.view(self.ep_size, self.num_local_experts).sum(1),
             recv_counts.sum(1)]).tolist()
-        received = _AllToAll.apply(permuted, recv_splits, send_splits, self.group)
+        received = _AllToAll.apply(permuted, recv_splits, send_splits, self.group, self.timer)
         # Received rows come source rank by source rank; the experts want them expert by expert.
         local_ids = torch.arange(self.num_local_experts, device=x.device).repeat(self.ep_size)
         row_expert = torch.repeat_interleave(local_ids, recv_counts.reshape(-1),
@@ -132,5 +131,5 @@ class AllToAllTokenDispatcher:
 
     def combine(self, y: torch.Tensor, state: AllToAllState) -> torch.Tensor:
         by_source = y.new_empty(y.shape).index_copy_(0, state.regroup, y)
-        returned = _AllToAll.apply(by_source, state.send_splits, state.recv_splits, self.group)
+        returned = _AllToAll.apply(by_source, state.send_splits, state.recv_splits, self.group, self.timer)
         return self.local.combine(returned, state.local)

@@ -6,7 +6,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ...configs.model import FeedForwardConfig
-from .all_to_all_dispatcher import AllToAllTokenDispatcher
+from .all_to_all_dispatcher import AllToAllTimer, AllToAllTokenDispatcher
 from .backends import ExpertGroups
 from .dispatcher import SortedTokenDispatcher
 from .experts import GroupedExperts
@@ -32,11 +32,13 @@ class MoEFeedForward(nn.Module):
         # `last_tokens_per_expert`), and the weighted balancing loss (None unless enabled).
         self._routed_groups: ExpertGroups | None = None
         self.aux_loss: torch.Tensor | None = None
-        # True: padded frames stay in the batch, skipped by the experts (sorted after every
-        # expert's rows, output zero), instead of being removed first: no data-dependent shapes
-        # and no host read (`nonzero`), which a CUDA graph cannot hold (the trainer's
-        # train.cuda_graphs sets it). The same outputs and gradients.
-        self.static_shapes = False
+        self.static_shapes = False  # see use_static_shapes
+
+    def use_static_shapes(self, enabled: bool = True) -> None:
+        """Keep padded frames in the batch, skipped by the experts (sorted after every expert's
+        rows, output zero), instead of removing them first: no data-dependent shapes and no host
+        read (`nonzero`), which a CUDA graph cannot hold. The same outputs and gradients."""
+        self.static_shapes = enabled
 
     @property
     def last_tokens_per_expert(self) -> torch.Tensor | None:
@@ -56,6 +58,11 @@ class MoEFeedForward(nn.Module):
         local = self.num_experts // ep_size
         self.experts.shard(ep_rank * local, local)
         self.dispatcher = AllToAllTokenDispatcher(self.num_experts, group)
+
+    def time_exchanges(self, timer: AllToAllTimer) -> None:
+        """Under expert parallelism, time this layer's all-to-alls on `timer`."""
+        if isinstance(self.dispatcher, AllToAllTokenDispatcher):
+            self.dispatcher.timer = timer
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, D]; valid [B, T] (True = real frame). Padded frames get exactly zero output."""
