@@ -13,11 +13,12 @@ from .autocast import compute_dtype
 from .decoder_layer import DecoderLayer
 from .embedding import PositionalEncoding
 from .mask import make_non_pad_mask, subsequent_mask
+from .moe.layer import MoEFeedForward, stack_real_frames
 
 
 class TransformerDecoder(nn.Module):
-    # Never saved or scripted: see `set_layer_runner`.
-    __jit_ignored_attributes__ = ["layer_runner"]
+    # Never saved or scripted: see `set_layer_runner` and `moe_ffns`.
+    __jit_ignored_attributes__ = ["layer_runner", "moe_ffns"]
 
     def __init__(self, vocab_size: int, dim: int, num_blocks: int, cfg: DecoderConfig):
         super().__init__()
@@ -27,6 +28,8 @@ class TransformerDecoder(nn.Module):
         self.gradient_checkpointing = cfg.gradient_checkpointing
         self.after_norm = nn.LayerNorm(dim)
         self.output_layer = nn.Linear(dim, vocab_size)
+        # A view of the blocks' MoE layers (not a registration), which share one mask per forward.
+        self.moe_ffns = [m for m in self.decoders.modules() if isinstance(m, MoEFeedForward)]
         self.layer_runner: Callable[..., torch.Tensor] | None = None
 
     def set_layer_runner(self, runner: Callable[..., torch.Tensor] | None) -> None:
@@ -60,14 +63,17 @@ class TransformerDecoder(nn.Module):
                    memory_kv: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The decoder blocks under additive masks (what `layer_runner` replaces)."""
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        real_frames: torch.Tensor | None = None
+        if not torch.jit.is_scripting():  # scripted MoE layers route every frame
+            real_frames = stack_real_frames(self.moe_ffns, tgt_valid)
         for i, layer in enumerate(self.decoders):
             layer_kv: torch.Tensor | None = None
             if memory_kv is not None:
                 layer_kv = memory_kv[i]
             if recompute and not torch.jit.is_scripting():
-                x = self._checkpointed(i, x, tgt_mask, memory, memory_mask, tgt_valid, layer_kv)
+                x = self._checkpointed(i, x, tgt_mask, memory, memory_mask, tgt_valid, layer_kv, real_frames)
             else:
-                x = layer(x, tgt_mask, memory, memory_mask, tgt_valid, layer_kv)
+                x = layer(x, tgt_mask, memory, memory_mask, tgt_valid, layer_kv, real_frames)
         return x
 
     @torch.jit.export  # the runtime module's forward_attention_decoder projects through it
@@ -98,9 +104,9 @@ class TransformerDecoder(nn.Module):
 
     @torch.jit.unused  # the exported runtime never trains
     def _checkpointed(self, i: int, x: torch.Tensor, tgt_mask: torch.Tensor, memory: torch.Tensor | None,
-                      memory_mask: torch.Tensor, tgt_valid: torch.Tensor, memory_kv: torch.Tensor | None
-                      ) -> torch.Tensor:
-        return checkpoint(self.decoders[i], x, tgt_mask, memory, memory_mask, tgt_valid, memory_kv,
+                      memory_mask: torch.Tensor, tgt_valid: torch.Tensor, memory_kv: torch.Tensor | None,
+                      real_frames: torch.Tensor | None) -> torch.Tensor:
+        return checkpoint(self.decoders[i], x, tgt_mask, memory, memory_mask, tgt_valid, memory_kv, real_frames,
                           use_reentrant=False)
 
 

@@ -22,10 +22,11 @@ class DecoderLayer(nn.Module):
 
     def forward(self, tgt: torch.Tensor, tgt_mask: torch.Tensor, memory: torch.Tensor | None,
                 memory_mask: torch.Tensor, tgt_valid: torch.Tensor | None,
-                memory_kv: torch.Tensor | None = None) -> torch.Tensor:
+                memory_kv: torch.Tensor | None = None, real_frames: torch.Tensor | None = None) -> torch.Tensor:
         """tgt [B, L, D], tgt_mask [B, L, L], memory [B, T, D], memory_mask [B, 1, T] (True = may
         attend, or both as `attention.additive_mask` makes them), tgt_valid [B, L]. memory_kv:
-        memory's keys and values from `src_attn.project_key_value`, given instead of memory."""
+        memory's keys and values from `src_attn.project_key_value`, given instead of memory.
+        real_frames: tgt_valid's flat positions, for an MoE feed-forward (`stack_real_frames`)."""
         h = self.norm1(tgt)
         x = tgt + self.dropout(self.self_attn(h, h, h, tgt_mask)[0])
         h = self.norm2(x)
@@ -34,7 +35,7 @@ class DecoderLayer(nn.Module):
         else:
             assert memory is not None, "a decoder layer needs memory or its projected memory_kv"
             x = x + self.dropout(self.src_attn(h, memory, memory, memory_mask)[0])
-        return x + self.dropout(self.feed_forward(self.norm3(x), tgt_valid))
+        return x + self.dropout(self.feed_forward(self.norm3(x), tgt_valid, real_frames))
 
     @torch.jit.unused  # incremental decoding is Python-side search, not part of the exported graph
     def forward_step(self, x: torch.Tensor, self_cache: torch.Tensor | None, memory_kv: torch.Tensor,

@@ -12,12 +12,13 @@ from .cmvn import GlobalCMVN
 from .embedding import RelPositionalEncoding
 from .encoder_layer import ConformerEncoderLayer
 from .mask import attention_mask, choose_chunk, make_non_pad_mask
+from .moe.layer import MoEFeedForward, stack_real_frames
 from .subsampling import Conv2dSubsampling
 
 
 class ConformerEncoder(nn.Module):
-    # Never saved or scripted: see `set_layer_runner`.
-    __jit_ignored_attributes__ = ["layer_runner"]
+    # Never saved or scripted: see `set_layer_runner` and `moe_ffns`.
+    __jit_ignored_attributes__ = ["layer_runner", "moe_ffns"]
 
     def __init__(self, cfg: EncoderConfig, cmvn: GlobalCMVN | None = None):
         super().__init__()
@@ -28,6 +29,8 @@ class ConformerEncoder(nn.Module):
         self.pos_enc = RelPositionalEncoding(cfg.output_size, cfg.positional_dropout_rate)
         self.encoders = nn.ModuleList(ConformerEncoderLayer(cfg) for _ in range(cfg.num_blocks))
         self.after_norm = nn.LayerNorm(cfg.output_size)
+        # A view of the blocks' MoE layers (not a registration), which share one mask per forward.
+        self.moe_ffns = [m for m in self.encoders.modules() if isinstance(m, MoEFeedForward)]
         self.layer_runner: Callable[..., torch.Tensor] | None = None
 
     def set_layer_runner(self, runner: Callable[..., torch.Tensor] | None) -> None:
@@ -67,13 +70,14 @@ class ConformerEncoder(nn.Module):
                    valid: torch.Tensor) -> torch.Tensor:
         """The Conformer blocks of a full-utterance forward (what `layer_runner` replaces)."""
         recompute = self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        real_frames = stack_real_frames(self.moe_ffns, valid)
         for layer in self.encoders:
             if recompute:
                 # Dropout and router noise replay identically (checkpoint restores the RNG);
                 # MoE all-to-alls rerun in the same order on every rank.
-                xs, _, _ = checkpoint(layer, xs, mask, pos_emb, valid, use_reentrant=False)
+                xs, _, _ = checkpoint(layer, xs, mask, pos_emb, valid, None, None, real_frames, use_reentrant=False)
             else:
-                xs, _, _ = layer(xs, mask, pos_emb, valid)
+                xs, _, _ = layer(xs, mask, pos_emb, valid, real_frames=real_frames)
         return xs
 
     def forward_chunk(self, xs: torch.Tensor, att_cache: torch.Tensor, cnn_cache: torch.Tensor,
@@ -99,10 +103,13 @@ class ConformerEncoder(nn.Module):
         keep_from = 0 if required_cache_size < 0 else max(cached + xs.size(1) - required_cache_size, 0)
         new_att: list[torch.Tensor] = []
         new_cnn: list[torch.Tensor] = []
+        real_frames: torch.Tensor | None = None
+        if not torch.jit.is_scripting():  # scripted MoE layers route every frame
+            real_frames = stack_real_frames(self.moe_ffns, valid)
         for i, layer in enumerate(self.encoders):
             layer_att = att_cache[i] if cached > 0 else None
             layer_cnn = cnn_cache[i] if cnn_cache.dim() == 4 and cnn_cache.size(0) > 0 else None
-            xs, att, cnn = layer(xs, mask, pos_emb, valid, layer_att, layer_cnn)
+            xs, att, cnn = layer(xs, mask, pos_emb, valid, layer_att, layer_cnn, real_frames)
             new_att.append(att[:, :, keep_from:])
             new_cnn.append(cnn)
         return self.after_norm(xs), torch.stack(new_att), torch.stack(new_cnn)

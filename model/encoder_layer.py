@@ -28,18 +28,19 @@ class ConformerEncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, att_mask: torch.Tensor, pos_emb: torch.Tensor,
                 valid: torch.Tensor | None, att_cache: torch.Tensor | None = None,
-                cnn_cache: torch.Tensor | None = None
+                cnn_cache: torch.Tensor | None = None, real_frames: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, T, D]; att_mask [B, T, T_cache+T]; valid [B, T] real frames (None: all real).
+        """x [B, T, D]; att_mask [B, T, T_cache+T]; valid [B, T] real frames (None: all real);
+        real_frames: their flat positions, for the MoE feed-forwards (`stack_real_frames`).
 
         Returns the output and the new attention and convolution caches.
         """
         if self.feed_forward_macaron is not None:
-            x = x + self.ff_scale * self.dropout(self.feed_forward_macaron(self.norm_ff_macaron(x), valid))
+            x = x + self.ff_scale * self.dropout(self.feed_forward_macaron(self.norm_ff_macaron(x), valid, real_frames))
         h = self.norm_mha(x)
         h, new_att_cache = self.self_attn(h, h, h, att_mask, pos_emb, att_cache)
         x = x + self.dropout(h)
         h, new_cnn_cache = self.conv_module(self.norm_conv(x), valid, cnn_cache)
         x = x + self.dropout(h)
-        x = x + self.ff_scale * self.dropout(self.feed_forward(self.norm_ff(x), valid))
+        x = x + self.ff_scale * self.dropout(self.feed_forward(self.norm_ff(x), valid, real_frames))
         return self.norm_final(x), new_att_cache, new_cnn_cache

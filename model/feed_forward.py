@@ -19,9 +19,10 @@ class PositionwiseFeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout_rate)
         self.w_2 = nn.Linear(hidden_units, dim)
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        # `valid` is part of the feed-forward interface for the MoE's sake; a dense FFN is
-        # frame-wise, so padded frames need no special care here.
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None,
+                real_frames: torch.Tensor | None = None) -> torch.Tensor:
+        # `valid` and `real_frames` are part of the feed-forward interface for the MoE's sake; a
+        # dense FFN is frame-wise, so padded frames need no special care here.
         return self.w_2(self.dropout(self.activation(self.w_1(x))))
 
 

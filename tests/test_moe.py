@@ -251,15 +251,17 @@ def test_compiled_conformer_layer_with_moe_equals_eager():
         torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
 
 
-def test_moe_layers_of_one_forward_share_the_padding_removal():
+def test_moe_layers_of_one_forward_share_the_padding_removal(monkeypatch):
     """Every MoE layer of one encoder (or decoder) forward gets the same padding mask: they find
-    its real frames once (`nonzero` reads a count to the host, a synchronisation on a GPU), and
+    its real frames once, in the stack that runs them (`nonzero` reads a count to the host, a
+    synchronisation on a GPU), and
     each forward's new mask is found anew. Loss and gradients equal a model whose layers each
     find their own."""
     from op_counting import OpCalls
     from u2moe.configs.experiment import load_config
     from u2moe.model import U2Model
-    from u2moe.model.moe import layer as moe_layer
+    from u2moe.model import decoder as decoder_module
+    from u2moe.model import encoder as encoder_module
 
     cfg = load_config("tiny_moe").model
     torch.manual_seed(0)
@@ -283,14 +285,12 @@ def test_moe_layers_of_one_forward_share_the_padding_removal():
         with OpCalls("nonzero") as nonzero:
             shared = loss_and_grads(seed)
         assert nonzero.calls <= 3 < moe_calls  # encoder, left and right decoder masks
-        own = moe_layer._real_frame_positions
-        moe_layer._shared_real_frame_positions = own  # every layer computes its own
-        try:
+        with monkeypatch.context() as patch:  # no stack-wide positions: every layer finds its own
+            for stack in (encoder_module, decoder_module):
+                patch.setattr(stack, "stack_real_frames", lambda layers, valid: None)
             with OpCalls("nonzero") as nonzero:
                 alone = loss_and_grads(seed)
-            assert nonzero.calls == moe_calls
-        finally:
-            moe_layer._shared_real_frame_positions = moe_layer._SharedRealFramePositions()
+        assert nonzero.calls == moe_calls
         torch.testing.assert_close(shared[0], alone[0], rtol=0, atol=0)
         for a, b in zip(shared[1], alone[1]):
             assert (a is None) == (b is None) and (a is None or torch.equal(a, b))

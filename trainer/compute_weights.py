@@ -2,7 +2,7 @@
 
 Under `torch.autocast`, each Linear, convolution and expert weight is cast to bf16 in every
 forward and its gradient cast back to fp32 in every backward: two launches per weight and step,
-a fifth of a small model's operators, all paid by a host-bound step (docs/RESULTS.md, issue 10).
+a large share of a small model's operators, all paid by a host-bound step.
 Here the training forward runs on bf16 copies of those weights instead. After the backward their
 gradients move to the fp32 parameters in one multi-tensor copy (or add, while micro-batches
 accumulate), before clipping and the optimizer; before the next forward the copies are refreshed

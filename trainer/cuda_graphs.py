@@ -1,7 +1,7 @@
 """CUDA graphs of the training step's layer stacks, one per batch shape (`train.cuda_graphs`).
 
 On a GPU the small presets' steps are bound by the host: thousands of kernels, each paid in
-Python, autograd and launch time, keep an H100 busy 7-8% of a step (docs/RESULTS.md, issue 10).
+Python, autograd and launch time, leave the GPU idle for most of a step (docs/results.md).
 A graph replays the encoder's (or a decoder's) whole forward, or backward, in one launch. What a
 graph holds is fixed: tensor shapes and addresses, and no host reads. So the batches come in a
 few fixed shapes (`data.batch.type: bucket`), the MoE layers keep padded frames in place,

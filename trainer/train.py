@@ -430,7 +430,7 @@ class Trainer:
         self.reporter.line(dev_line(step, int(total[0]), result))
         self.reporter.scalars("dev", result, step)
         # The next evaluation's workers open the shards and fill their sort buffers during the
-        # training in between: a cold start cost about 2 s per evaluation on a GPU machine.
+        # training in between, so that no evaluation waits for a cold start.
         dev_loader.prefetch(0)
         return result
 

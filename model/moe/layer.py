@@ -64,11 +64,13 @@ class MoEFeedForward(nn.Module):
         if isinstance(self.dispatcher, AllToAllTokenDispatcher):
             self.dispatcher.timer = timer
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, D]; valid [B, T] (True = real frame). Padded frames get exactly zero output."""
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None,
+                real_frames: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D]; valid [B, T] (True = real frame). Padded frames get exactly zero output.
+        real_frames: `real_frame_positions(valid)` when the caller has it (`stack_real_frames`)."""
         if torch.jit.is_scripting() or self.experts.backend == "export":
             return self._forward_inference(x, valid)
-        return self._forward_dispatch(x, valid)
+        return self._forward_dispatch(x, valid, real_frames)
 
     def _forward_inference(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """Inference for the exporters, TorchScript (scripted) and ONNX (traced by torch.export):
@@ -76,7 +78,7 @@ class MoEFeedForward(nn.Module):
         (GroupedExperts.forward_sparse), without the autograd nodes and host-side group sizes
         that neither can hold. Sets neither the routed groups nor `aux_loss`."""
         flat = x.reshape(-1, x.size(-1))
-        index = _real_frame_positions(valid)
+        index = real_frame_positions(valid)
         tokens = _real_frames(flat, index)
         y = self.experts.forward_sparse(tokens, *self.router.select(tokens))
         return _to_all_frames(y, flat, index).view_as(x)
@@ -84,11 +86,14 @@ class MoEFeedForward(nn.Module):
     @torch.jit.unused
     # Eager under train.compile: the group sizes and the padding removal are data-dependent, and
     # the expert FFN is already one fused autograd node; traced, they only break the graph and
-    # recompile per layer (dynamo's recompile limit was hit with tiny_moe).
+    # recompile per layer, past dynamo's recompile limit.
     @torch.compiler.disable
-    def _forward_dispatch(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    def _forward_dispatch(self, x: torch.Tensor, valid: torch.Tensor | None,
+                          real_frames: torch.Tensor | None) -> torch.Tensor:
         flat = x.reshape(-1, x.size(-1))
-        index = None if self.static_shapes else _shared_real_frame_positions(valid)
+        index = None
+        if not self.static_shapes:
+            index = real_frames if real_frames is not None else real_frame_positions(valid)
         skip = ~valid.reshape(-1) if self.static_shapes and valid is not None else None
         tokens = _real_frames(flat, index)
         routing = self.router(tokens, skip)
@@ -99,31 +104,20 @@ class MoEFeedForward(nn.Module):
         return _to_all_frames(y, flat, index).view_as(x)
 
 
-def _real_frame_positions(valid: torch.Tensor | None) -> torch.Tensor | None:
+def real_frame_positions(valid: torch.Tensor | None) -> torch.Tensor | None:
     """Row indices of the frames `valid` [B, T] marks real, in the flattened [B*T] frames (None
     when there is no mask). Padding is removed before routing: it costs no expert compute and
     skews no load."""
     return None if valid is None else valid.reshape(-1).nonzero().squeeze(1)
 
 
-class _SharedRealFramePositions:
-    """_real_frame_positions of the last mask asked about, kept: every MoE layer of one encoder
-    (or decoder) forward gets the same mask object, so they share one `nonzero`, whose read of
-    the count is a host-device synchronisation (18 per small_moe training step, now 3)."""
-
-    def __init__(self) -> None:
-        self.valid: torch.Tensor | None = None
-        self.index: torch.Tensor | None = None
-
-    def __call__(self, valid: torch.Tensor | None) -> torch.Tensor | None:
-        # The object, not its values: masks are made per forward and never changed in place, and
-        # holding the last one keeps a new mask from reusing its identity.
-        if valid is not self.valid:
-            self.valid, self.index = valid, _real_frame_positions(valid)
-        return self.index
-
-
-_shared_real_frame_positions = _SharedRealFramePositions()
+def stack_real_frames(layers: list[MoEFeedForward], valid: torch.Tensor | None) -> torch.Tensor | None:
+    """real_frame_positions(valid) for a stack whose MoE `layers` all see the same mask, found
+    once for all of them (`nonzero` reads its count back to the host, a synchronisation); None
+    where no layer removes padding (none, or static shapes)."""
+    if valid is None or all(layer.static_shapes for layer in layers):
+        return None
+    return real_frame_positions(valid)
 
 
 def _real_frames(flat: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
