@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Run benchmark jobs on this machine's GPUs, as many at once as the cards allow: the one-GPU
-# comparisons of docs/RESULTS.md ran four at a time on a 4-GPU machine this way.
+# Run benchmark jobs on this machine's GPUs, as many at once as the cards allow (bench/jobs/ holds
+# job files for it).
 #
 #   bench/gpu_queue.sh JOBS LOGDIR
 # JOBS: one job a line, "<GPUs it needs> <shell command>" ('#' lines and blank lines skipped).

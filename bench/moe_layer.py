@@ -294,7 +294,7 @@ def _training_step_arguments(p: argparse.ArgumentParser) -> None:
     """What `moe` and `moe-ep` share: the layer's routing and the timing loop."""
     p.add_argument("--shapes", type=_shape, nargs="+", default=list(SHAPES), metavar="T,D,FFN",
                    help="frames (per rank under moe-ep), model dim, expert hidden size; the profile "
-                        "takes the first (default: the issue's three)")
+                        "takes the first")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--warmup", type=int, default=5)

@@ -1,6 +1,6 @@
 """ATen operators one feed-forward block calls in a training step (forward + backward), dense FFN
 against the MoE layer, as the GPU path runs it (`grouped_mm` backend, bf16 autocast), counted on
-the CPU: what a host-bound step pays per block (docs/RESULTS.md, issue 10).
+the CPU: what a host-bound step pays per block, a launch for about each.
 
 Only top-level operators are counted (those no other ATen operator called), so that the CPU
 fallback loop inside `torch._grouped_mm` counts once, as the GPU's single kernel does; views

@@ -7,8 +7,7 @@ own, on top of the shared --set ones. One trainer per variant, built as `u2moe t
 all stepping on the same in-memory batches (read with the first variant's data settings). Each
 variant first steps once over every batch (every shape seen: kernels chosen, graphs captured),
 then the variants take turns, in alternating order, for `--rounds` rounds of `--steps` steps: on
-a shared host whose speed drifts by 10-20% within minutes (docs/RESULTS.md), only alternation
-compares like with like. Prints each variant's per-round medians and their median.
+a shared host whose speed drifts within minutes, only alternation compares like with like. Prints each variant's per-round medians and their median.
 
     python -m u2moe.bench.step_ab --config small_dense --variant autocast=ds_configs/zero0_bf16.json \\
         --variant graphs=ds_configs/zero0_pure_bf16.json:train.cuda_graphs=true \\

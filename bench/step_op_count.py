@@ -1,5 +1,5 @@
 """Operators one training step dispatches, by phase (forward, backward, clipping, optimizer step),
-counted on the CPU: a host-bound GPU step pays a launch for about each (docs/RESULTS.md, issue 10).
+counted on the CPU: a host-bound GPU step pays a launch for about each.
 
 The step is `Trainer.train_step` as `u2moe train` builds it, on a batch of the given shards after
 two warm-up steps. Views and allocations, which launch nothing, are left out. The backward phase

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train several presets on the same prepared data with the same budget, then export and decode
-# each: the recipe behind the GPU comparisons in docs/RESULTS.md.
+# each: the recipe behind the GPU comparisons in docs/results.md.
 #
 #   bench/train_compare.sh DATA OUT MAX_STEPS PRESET [PRESET ...]
 # DATA holds {train,dev,test}/shards.list, units/, cmvn.json (u2moe prep ...). Extra trainer

@@ -51,8 +51,8 @@ class TrainConfig:
     compile: bool = False
     # CPU threads of each training process's own tensor work when it trains on a GPU (0: torch's
     # default, one per core). The GPU does the math; the host only launches and runs small ops,
-    # after which an OpenMP pool of one thread per core spin-waits (bench/omp_spin.py): on a 64-core
-    # host that took cores from the data workers and the other runs. CPU training, and ZeRO
+    # after which an OpenMP pool of one thread per core spin-waits (bench/omp_spin.py), taking
+    # cores from the data workers and from other runs on the host. CPU training, and ZeRO
     # offloading to the host (whose optimizer step runs there), keep torch's default.
     host_threads: int = 1
     # CUDA graphs of the encoder's and decoders' layers, one per batch shape (trainer/cuda_graphs.py):

@@ -1,7 +1,7 @@
 """Audio I/O: read Kaldi rxfilenames, decode bytes, resample, speed-perturb, encode cuts.
 
 Decoding goes through soundfile (libsndfile: wav, flac, ogg/vorbis, ogg/opus, mp3, ...) because
-torchaudio 2.11 no longer loads audio itself; torchaudio is used only for signal processing.
+torchaudio (2.11 on) does not load audio itself; torchaudio is used only for signal processing.
 """
 from __future__ import annotations
 

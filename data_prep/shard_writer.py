@@ -9,7 +9,7 @@ for cuts). Readers need only the audio and .txt members, so WeNet's `make_shard_
 `audio_format="flac"|"wav"` re-encodes every utterance not already in that format (losslessly
 from the decoded samples: 16 bit, or 24 bit for wider sources; lossy sources such as Opus are
 stored as their decoding rounded to 16 bit). That trades disk for CPU in training: FLAC decodes
-several times faster than Opus, WAV faster still.
+faster than Opus, WAV faster still (docs/results.md, "Data loader throughput").
 """
 from __future__ import annotations
 

@@ -19,9 +19,9 @@ def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, cfg: SpecAugConfig,
     if batch == 1 and feats.device.type == "cpu":
         return _spec_augment_one(feats, int(lengths[0]), cfg, generator)
     # Only the draws (a few numbers per utterance) come from the CPU generator, in one copy to the
-    # features' device; the masks are built there. Building [B, T] masks on the host cost the
-    # training process a read-back of the lengths and, past torch's parallel grain (20k-frame
-    # batches), OpenMP regions whose idle threads then spin (bench/omp_spin.py).
+    # features' device; the masks are built there. [B, T] masks built on the host would cost the
+    # training process a read-back of the lengths and, on batches past torch's parallel grain,
+    # OpenMP regions whose idle threads then spin (bench/omp_spin.py).
     device = feats.device
     draws = [_draw(batch, cfg.num_freq_masks, cfg.max_freq_width, generator),
              _draw(batch, cfg.num_time_masks, cfg.max_time_width, generator)]
@@ -49,7 +49,7 @@ def _band_mask(size: int, limit: torch.Tensor, uniform: torch.Tensor, width: tor
 def _spec_augment_one(feats: torch.Tensor, length: int, cfg: SpecAugConfig,
                       generator: torch.Generator | None) -> torch.Tensor:
     """The CPU workers' case, one utterance: the same draws as the batched path, applied as slice
-    assignments instead of building and broadcasting masks (a few times cheaper per utterance)."""
+    assignments instead of building and broadcasting masks, which cost more for one utterance."""
     bins = feats.shape[2]
     freq = _bands(bins, cfg.num_freq_masks, cfg.max_freq_width, generator)
     time = _bands(max(length, 1), cfg.num_time_masks, cfg.max_time_width, generator)

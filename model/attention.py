@@ -50,10 +50,9 @@ def avoid_per_shape_attention_plans() -> None:
     """Take cuDNN's attention kernels out of `scaled_dot_product_attention` for this process.
 
     cuDNN builds an execution plan for every new input shape, and speech brings a new shape
-    almost every call (each dynamic batch, each streaming chunk with its growing cache). On an
-    H100, small_dense's training step took 258 ms on batches of unseen shapes against 102 ms
-    without cuDNN attention (docs/RESULTS.md); the memory-efficient and flash kernels that
-    PyTorch picks instead need no plan. U2MOE_CUDNN_ATTENTION=1 keeps cuDNN's (for comparisons).
+    almost every call (each dynamic batch, each streaming chunk with its growing cache), so
+    planning would dominate the step; the memory-efficient and flash kernels that PyTorch picks
+    instead need no plan. U2MOE_CUDNN_ATTENTION=1 keeps cuDNN's (for comparisons).
     Process-wide: torch offers no per-module switch short of a context manager around every call.
     """
     if os.environ.get("U2MOE_CUDNN_ATTENTION") != "1":

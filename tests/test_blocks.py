@@ -227,7 +227,7 @@ def test_decoder_makes_its_masks_additive_once_for_all_layers(precision):
 
 @pytest.mark.parametrize("keep, expected", [(None, "False"), ("1", "True")])
 def test_cli_takes_cudnn_attention_out_unless_asked(keep, expected):
-    """cuDNN attention plans every new shape (docs/RESULTS.md); `u2moe` turns it off for its
+    """cuDNN attention plans every new shape (docs/training.md); `u2moe` turns it off for its
     process, U2MOE_CUDNN_ATTENTION=1 keeps it. Read back from torch's own switch."""
     import os
     import subprocess

@@ -57,7 +57,7 @@ def test_partition_reads_every_utterance_once_per_epoch():
                                    for i in range(utts) if i % p.parts == p.part)
                     assert read == Counter({(s, i): 1 for s in shards for i in range(utts)})
                     # Ranks step in lock-step: each reads as many shards or shard parts, whatever
-                    # the worker count (8 shards, 4 ranks x 6 workers once left two ranks with none).
+                    # the worker count (e.g. 8 shards on 4 ranks x 6 workers must leave no rank without).
                     per_rank = [sum(len(parts[r, w]) for w in range(workers)) for r in range(world)]
                     assert len(set(per_rank)) <= 1, (n, world, workers, per_rank)
     orders = {tuple(shards_for_reader([f"s{i}" for i in range(20)], seed=7, epoch=e, shuffle=True, rank=0,

@@ -278,8 +278,8 @@ def test_every_attention_call_has_a_bias_column_per_key(monkeypatch, chunk):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("chunk", [-1, 16])
 def test_every_mode_decodes_on_the_gpu_in_bf16_and_fp32(chunk, monkeypatch):
-    """The GPU's attention and MoE kernels refuse inputs the CPU's accept (a broadcast attention
-    bias did once): every mode runs there, and in fp32 gives the CPU's greedy hypotheses."""
+    """The GPU's attention and MoE kernels refuse inputs the CPU's accept (e.g. a broadcast attention
+    bias): every mode runs there, and in fp32 gives the CPU's greedy hypotheses."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 convolutions, as on the CPU
     model = tiny_model("tiny_moe")
     feats, lens = torch.randn(4, 200, 80, generator=torch.Generator().manual_seed(7)), torch.tensor([200, 160, 90, 41])

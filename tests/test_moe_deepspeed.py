@@ -1,6 +1,6 @@
 """One DeepSpeed training step (no ZeRO, ZeRO-1, ZeRO-2) of tiny_moe with expert parallelism 2
-(2 processes, gloo), and with ZeRO-2 on 8 processes with expert parallelism 8 and 4 (issue 9's
-layout), against one process holding all experts, through the trainer's own optimizer, schedule
+(2 processes, gloo), and with ZeRO-2 on 8 processes with expert parallelism 8 and 4 (the
+8-GPU layouts), against one process holding all experts, through the trainer's own optimizer, schedule
 and DeepSpeed config: same loss, global gradient norm (the one clipping uses) and updated weights."""
 import json
 import os

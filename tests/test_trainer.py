@@ -301,9 +301,9 @@ def test_launcher_script_runs_without_a_deepspeed_script_on_path(tmp_path):
 
 @pytest.mark.slow
 def test_eight_ranks_with_expert_parallelism_8_through_the_launcher_script(tmp_path):
-    """Issue 9's run at toy scale on CPU: launch/train.sh, 8 processes, one expert each, ZeRO-2.
-    The exported model.pt, in one process with all 8 experts, gives the dev loss the 8 ranks
-    logged at the end of the epoch."""
+    """An 8-GPU expert-parallel run at toy scale on CPU: launch/train.sh, 8 processes, one expert
+    each, ZeRO-2. The exported model.pt, in one process with all 8 experts, gives the dev loss the
+    8 ranks logged at the end of the epoch."""
     from u2moe.data_prep import build_dataloader
     from u2moe.configs.data import DataConfig
     from u2moe.data_prep.tokenizer import Tokenizer
@@ -326,7 +326,7 @@ def test_eight_ranks_with_expert_parallelism_8_through_the_launcher_script(tmp_p
     text = log.read_text()
     assert proc.returncode == 0, text[-4000:]
     assert "[rank 7]" in text and "trained" in text
-    # DeepSpeed's shared-memory all-reduce buffers (66 MB a rank) are not left in /dev/shm.
+    # DeepSpeed's shared-memory all-reduce buffers (one a rank) are not left in /dev/shm.
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     dev = [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines()]
     dev = [r for r in dev if r["split"] == "dev"]

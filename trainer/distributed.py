@@ -75,8 +75,8 @@ def init_distributed(timeout: timedelta | None = None) -> DistInfo:
 
 def _unlink_shm_buffer(rank: int) -> None:
     """DeepSpeed's CPU all-reduce (ranks of one machine started by its launcher) gives each rank
-    a 66 MB /dev/shm buffer that it never unlinks: every such run left them in memory for good
-    (16 GB on a test machine after a day). DeepSpeed's initialisation has each rank map every
+    a /dev/shm buffer that it never unlinks: every such run would leave them in memory for good,
+    piling up run after run. DeepSpeed's initialisation has each rank map every
     buffer, which the barrier waits for; the names can go then. The memory stays mapped until
     the processes end, and is freed when they do, however they end."""
     import torch.distributed as dist

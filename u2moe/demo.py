@@ -351,7 +351,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-minutes", type=float, default=11.0, help="training wall-time budget")
     p.add_argument("--max-steps", type=int, default=0, help="train this many steps instead of --train-minutes")
     p.add_argument("--units", default="char", choices=("char", "bpe"),
-                   help="output units (bpe learns much slower here: CTC still blank after 330 steps)")
+                   help="output units (bpe learns much slower on a corpus this small: its CTC can stay blank "
+                        "through the demo's budget)")
     p.add_argument("--vocab-size", type=int, default=300, help="size of the bpe unit table")
     p.add_argument("--voices", type=int, default=3, help="speakers per training sentence")
     p.add_argument("--average", type=int, default=2, help="checkpoints averaged by the export")

@@ -42,7 +42,8 @@ def decoder_scores(model: U2Model, memory: torch.Tensor, valid: torch.Tensor, ow
 
     def logits(decoder: TransformerDecoder, tokens_in: torch.Tensor) -> torch.Tensor:
         # Each utterance's memory is projected once, then its keys and values copied to each of
-        # its hypotheses: projecting a copy per hypothesis cost half the dense decoders' time.
+        # its hypotheses: projecting a copy per hypothesis would repeat the largest products of
+        # the decoders' work n-best times.
         memory_kv = [kv.index_select(0, owner) for kv in decoder.project_memory(memory)]
         return decoder(None, mem_valid, tokens_in, lengths, memory_kv)
 

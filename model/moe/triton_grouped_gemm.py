@@ -5,8 +5,8 @@ Rows of `x` come grouped by expert (group ends `offsets`, int32, on the device).
 - `_grouped_rows_kernel`: out[rows of e] = x[rows of e] @ w[e] (+ b[e]). Used for the forward and
   for the input gradient (with w transposed through its strides, no copy).
 - `_grouped_weight_grad_kernel`: dw[e] = x[rows of e]^T @ g[rows of e]; `_group_row_sum_kernel`:
-  db[e] = the sum of g[rows of e]. Summing g inside the product's loop cost the product 40% (its
-  tile of g then also lives in registers, and every K tile repeated the sum).
+  db[e] = the sum of g[rows of e]. Apart, because summing g inside the product's loop slows the
+  product (its tile of g then also lives in registers, and every K tile repeats the sum).
 
 Neither reads the group sizes on the host: the row-tile grid is sized for the worst case
 (ceil(M / BLOCK_M) + E tiles, one partial tile per group at most) and each program finds its
@@ -28,10 +28,10 @@ def _configs(blocks: list[tuple[int, int, int, int, int]], names: tuple[str, str
 
 # Tile shapes timed on the first call for each layer shape (the autotuning keys below), the
 # fastest kept for the run: the consumer cards this path serves (sm80/86/89) differ in shared
-# memory and SM count, and one fixed tile left the weight-gradient kernel with too few programs
-# at d=512 (docs/moe.md). Shapes too large for a card's shared memory are skipped by Triton.
-# The first entry of each list is the former fixed choice; the last two are the large tiles an
-# H100 picks (a 128 x 256 weight-gradient tile: 1.4-1.8x the 128 x 128 one's rate at d = 512-1024).
+# memory and SM count, and any one fixed tile leaves the weight-gradient kernel with too few
+# programs at some model width. Shapes too large for a card's shared memory are skipped by Triton.
+# The last two entries of each list are large tiles, for cards with the shared memory and SMs to
+# fill them (an H100 picks them).
 _ROWS_CONFIGS = _configs([(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
                           (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
                           (128, 256, 64, 8, 4), (64, 256, 64, 8, 4)],
@@ -181,8 +181,7 @@ def weight_grad(x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor
 
     _grouped_weight_grad_kernel[grid](
         x, g, dw, offsets, n_dim, k_dim, x.stride(0), x.stride(1), g.stride(0), g.stride(1))
-    # A program per expert and 64 columns: E * N / 64 programs (128 at N = 1024, fewer than an
-    # H100's SMs; 0.14 ms a call there, docs/moe.md).
+    # A program per expert and 64 columns (E * N / 64 programs), each summing its expert's rows.
     _group_row_sum_kernel[(num_experts, triton.cdiv(n_dim, 64))](
         g, db, offsets, n_dim, g.stride(0), g.stride(1), BLOCK_M=64, BLOCK_N=64)
     return dw, db
