@@ -236,7 +236,7 @@ def test_cli_takes_cudnn_attention_out_unless_asked(keep, expected):
     env = {k: v for k, v in os.environ.items() if k != "U2MOE_CUDNN_ATTENTION"}
     if keep:
         env["U2MOE_CUDNN_ATTENTION"] = keep
-    code = ("import torch\nfrom u2moe.cli import main\n"
+    code = ("import torch\nfrom u2moe.__main__ import main\n"
             "try:\n    main(['params', '--config', 'tiny_dense'])\nexcept SystemExit:\n    pass\n"
             "print(torch.backends.cuda.cudnn_sdp_enabled())")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

@@ -84,7 +84,7 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
 
 
 def run_prep(argv: list[str]) -> int:
-    """Dispatch `u2moe prep ...` through the data CLI registrar as u2moe.cli.main does."""
+    """Dispatch `u2moe prep ...` through the data CLI registrar as u2moe.__main__.main does."""
     from u2moe.data_prep.cli import register
 
     parser = argparse.ArgumentParser(prog="u2moe")

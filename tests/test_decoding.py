@@ -363,7 +363,7 @@ def test_decode_command_writes_hypotheses_and_scores(tmp_path):
 
 
 def test_decode_summary_counts_the_decoded_utterances_beside_the_skipped(tmp_path, caplog):
-    from u2moe.cli import main
+    from u2moe.__main__ import main
 
     cfg = load_config("tiny_dense")
     save_model_file(tmp_path / "model.pt", tiny_model("tiny_dense"), cfg, units_for(cfg.model.vocab_size))

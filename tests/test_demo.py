@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from u2moe.demo import MODES, expert_parallel_size
-from u2moe.demo_corpus import CorpusSpec, plan, read_sentences, split_sentences
+from u2moe.demo.command import MODES, expert_parallel_size
+from u2moe.demo.corpus import CorpusSpec, plan, read_sentences, split_sentences
 
 
 def _espeak_or_skip() -> None:

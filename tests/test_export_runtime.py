@@ -129,7 +129,7 @@ def test_torchscript_entry_points_equal_pytorch(preset, tmp_path):
 
 
 def test_export_runtime_command_torchscript(tmp_path, capsys):
-    from u2moe.cli import main
+    from u2moe.__main__ import main
 
     model = small("tiny_moe")
     cfg = {"model": json.loads(json.dumps(_model_dict(model)))}

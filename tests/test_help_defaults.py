@@ -5,7 +5,7 @@ import argparse
 import subprocess
 import sys
 
-from u2moe.cli import build_parser
+from u2moe.__main__ import build_parser
 
 
 def _commands(parser: argparse.ArgumentParser, name: str = "u2moe"):

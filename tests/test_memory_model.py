@@ -77,7 +77,7 @@ def test_activation_fit_predicts_a_fourth_length_and_a_batch_and_checkpointing_c
 
 
 def test_memory_command_prints_a_plan(tmp_path):
-    from u2moe.cli import main
+    from u2moe.__main__ import main
 
     out = tmp_path / "plan.json"
     with pytest.raises(SystemExit) as done:

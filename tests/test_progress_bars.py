@@ -30,7 +30,7 @@ def test_prep_shards_and_cmvn_count_shards(tmp_path, capsys, jobs):
 
 
 def test_bench_memory_counts_the_model_build_and_its_measurements(tmp_path, capsys):
-    from u2moe.cli import main
+    from u2moe.__main__ import main
 
     with pytest.raises(SystemExit) as done:
         main(["bench", "memory", "--config", "tiny_dense", "--gpus", "1", "--ep", "1"])

@@ -1,18 +1,18 @@
-"""The `u2moe` command line: one entry point, one subcommand per job.
+"""The `u2moe` command line (`python -m u2moe`): one entry point, one subcommand per job.
 
-Each layer owns its subcommands in its own `cli.py` (data_prep, inference, trainer, bench) and
-registers them here; this module is the top of the import graph.
+Each layer owns its subcommands in its own `cli.py` (data_prep, inference, trainer, bench) or
+folder (demo) and registers them here; this module is the top of the import graph.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import demo
 from .bench import cli as bench_cli
 from .configs.loading import ConfigError
 from .data_prep import cli as data_prep_cli
 from .data_prep.errors import DataPrepError
+from .demo import command as demo
 from .help_format import HelpParser
 from .inference import cli as inference_cli
 from .model.attention import avoid_per_shape_attention_plans

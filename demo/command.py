@@ -1,7 +1,7 @@
 """`u2moe demo`: the whole path on a corpus the demo generates itself, in minutes.
 
 Stages (each timed; a second run reuses what is prepared):
-  1 corpus   shipped sentences (u2moe/demo_data/sentences.txt) spoken by espeak-ng with many
+  1 corpus   shipped sentences (demo/sentences.txt) spoken by espeak-ng with many
              voices, rates and pitches -> Kaldi dirs train/dev/test (held-out sentences)
   2 prep     `u2moe prep shards` (x3), `prep units` (characters), `prep cmvn`
   3 train    `u2moe train` (tiny_moe) under torchrun: every GPU, or 2 CPU processes with expert
@@ -24,16 +24,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data_prep.cmvn import compute_cmvn
-from .data_prep.shard_writer import write_shards
-from .data_prep.stats import DataStats
-from .data_prep.tokenizer import Tokenizer
-from .data_prep.units import train_units
-from .demo_corpus import CorpusError, CorpusSpec, generate
-from .inference.decoding.data import batch_fbank, decoding_data_config, read_utterances
-from .inference.decoding.search import DecodeOptions, decode_batch
-from .inference.model_file import load_model_file
-from .trainer.checkpoint import list_tags
+from ..data_prep.cmvn import compute_cmvn
+from ..data_prep.shard_writer import write_shards
+from ..data_prep.stats import DataStats
+from ..data_prep.tokenizer import Tokenizer
+from ..data_prep.units import train_units
+from ..inference.decoding.data import batch_fbank, decoding_data_config, read_utterances
+from ..inference.decoding.search import DecodeOptions, decode_batch
+from ..inference.model_file import load_model_file
+from ..trainer.checkpoint import list_tags
+from .corpus import CorpusError, CorpusSpec, generate
 
 MODES = ("ctc_greedy", "ctc_prefix_beam", "attention", "attention_rescoring")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-SENTENCES = Path(__file__).resolve().parent / "demo_data" / "sentences.txt"
+SENTENCES = Path(__file__).resolve().parent / "sentences.txt"
 SAMPLE_RATE = 16000
 # espeak-ng accents and voice variants: each (accent, variant) is one "speaker".
 ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc", "en-gb-x-gbclan"]
