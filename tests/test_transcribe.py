@@ -135,8 +135,9 @@ def test_resampled_and_stereo_copies_give_the_original_text(trained, tmp_path):
         stereo = tmp_path / f"{path.stem}-44k.flac"
         sf.write(stereo, torch.stack([wide, 0.5 * wide], dim=1).numpy(), 44100)
         assert [r.text for r in asr.transcribe([narrow, stereo])] == [text, text], path.name
-        # The same from samples in memory, channels first.
+        # The same from samples in memory: channels first, and 16-bit integers.
         assert asr.transcribe(torch.stack([wide, 0.5 * wide]), sample_rate=44100).text == text
+        assert asr.transcribe((wave * 32767).round().to(torch.int16).numpy(), sample_rate=16000).text == text
 
 
 def test_word_times_are_ordered_inside_the_audio_and_split_at_the_silence(trained):
