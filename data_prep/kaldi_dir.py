@@ -79,16 +79,22 @@ def resolve_source(data_dir: Path, entry: str) -> str:
     return str((data_dir / path).resolve())
 
 
-def read_kaldi_dir(data_dir: str | Path) -> KaldiDir:
-    """All utterances of a Kaldi data directory, sorted by key, plus what could not be paired."""
+def read_kaldi_dir(data_dir: str | Path, require_text: bool = True) -> KaldiDir:
+    """All utterances of a Kaldi data directory, sorted by key, plus what could not be paired.
+
+    require_text=False (decoding, where a transcript is only a reference to score against): the
+    `text` file may be missing or cover only some utterances; the others get an empty text."""
     data_dir = Path(data_dir)
     wav_scp, text_file = data_dir / "wav.scp", data_dir / "text"
-    for required in (wav_scp, text_file):
+    for required in (wav_scp, text_file) if require_text else (wav_scp,):
         if not required.is_file():
             raise DataPrepError(f"{data_dir}: missing {required.name}")
     wavs = {k: v[0] for k, v in _read_table(wav_scp, 2, max_split=1).items()}
-    texts = {k: v[0] if v else "" for k, v in _read_table(text_file, 1, max_split=1).items()}
-    files = [wav_scp, text_file]
+    texts: dict[str, str] = {}
+    files = [wav_scp]
+    if text_file.is_file():
+        texts = {k: v[0] if v else "" for k, v in _read_table(text_file, 1, max_split=1).items()}
+        files.append(text_file)
     speakers: dict[str, str] = {}
     if (data_dir / "utt2spk").is_file():
         files.append(data_dir / "utt2spk")
@@ -116,14 +122,12 @@ def read_kaldi_dir(data_dir: str | Path) -> KaldiDir:
         seg = segments[key] if segments is not None else None
         if seg is not None and seg.recording not in wavs:
             continue
-        if key not in texts:
-            problems.append((key, "no_transcript"))
-            continue
-        if not texts[key].strip():
-            problems.append((key, "empty_transcript"))
+        text = texts.get(key, "").strip()
+        if require_text and not text:
+            problems.append((key, "no_transcript" if key not in texts else "empty_transcript"))
             continue
         source = resolve_source(data_dir, wavs[seg.recording if seg else key])
-        utterances.append(Utterance(key, source, texts[key].strip(), speakers.get(key), seg))
+        utterances.append(Utterance(key, source, text, speakers.get(key), seg))
     for key in sorted(set(texts) - set(audio_keys)):
         problems.append((key, "transcript_without_audio"))
     return KaldiDir(utterances, problems, files)

@@ -1,4 +1,4 @@
-"""Model subcommands: `u2moe params`, `u2moe decode`, `u2moe export-runtime`."""
+"""Model subcommands: `u2moe params`, `u2moe decode`, `u2moe transcribe`, `u2moe export-runtime`."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ from ..model.params import count_config_parameters
 from .decoding.arguments import add_decoding_arguments, add_input_arguments
 from .decoding.command import decode_handler
 from .export.command import register_export_runtime
+from .transcribe_command import register_transcribe
 
 
 def _params(args: argparse.Namespace) -> int:
@@ -24,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override a config value, e.g. model.encoder.num_blocks=6 (repeatable)")
     p.set_defaults(handler=_params)
     register_decoding(sub)
-
+    register_transcribe(sub)
     register_export_runtime(sub)
 
 

@@ -1,5 +1,6 @@
 """Decoding modes against direct computations, batch invariance, scoring, model file, CLI."""
 import itertools
+import json
 import math
 import subprocess
 import sys
@@ -386,6 +387,37 @@ def test_decode_summary_counts_the_decoded_utterances_beside_the_skipped(tmp_pat
     assert summary[:2] == [f"decode input: 2 utterances ({hours:.3f} h) in 1 batches; skipped 1",
                            "  skipped audio_undecodable: 1"]
     assert any(m.startswith("2 utterances, 1.2 s of audio") for m in messages)
+
+
+def test_decode_data_dir_with_missing_and_partial_text(tmp_path, capsys):
+    from u2moe.cli import main
+
+    cfg = load_config("tiny_dense")
+    save_model_file(tmp_path / "model.pt", tiny_model("tiny_dense"), cfg, units_for(cfg.model.vocab_size))
+    wavs = []
+    for i in range(3):
+        wavs.append(tmp_path / f"utt{i}.wav")
+        sf.write(wavs[-1], chirp(0.5 + 0.2 * i, i).numpy(), 16000)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "wav.scp").write_text("".join(f"{w.stem} {w}\n" for w in wavs))
+    (data / "text").write_text("utt1 HELLO\n")
+
+    def decode(out: str) -> str:
+        with pytest.raises(SystemExit) as done:
+            main(["decode", "--model", str(tmp_path / "model.pt"), "--data-dir", str(data), "--modes", "ctc_greedy",
+                  "--out", str(tmp_path / out)])
+        assert done.value.code == 0
+        return capsys.readouterr().out
+
+    out = decode("out")
+    assert [line.split(" ")[0] for line in (tmp_path / "out" / "ctc_greedy.txt").read_text().splitlines()] == \
+        ["utt0", "utt1", "utt2"]
+    assert "scored 1 of 3 utterances: 2 have no reference text" in out
+    assert json.loads((tmp_path / "out" / "wer.json").read_text())["ctc_greedy"]["utterances"] == 1
+    (data / "text").unlink()
+    assert "scored 0 of 3" in decode("out2")
+    assert len((tmp_path / "out2" / "ctc_greedy.txt").read_text().splitlines()) == 3
 
 
 def _feats_of(data, keys):

@@ -59,6 +59,9 @@ def run_decode(args: argparse.Namespace) -> int:
     if stats.skipped:
         logger.warning(stats.summary("decode input"))
     scored = [i for i, r in enumerate(refs) if r]
+    if len(scored) < len(refs):
+        print(f"scored {len(scored)} of {len(refs)} utterances: {len(refs) - len(scored)} have no reference "
+              f"text (decoded and written, not scored)")
     report = {}
     for m in modes:
         s = score([refs[i] for i in scored], [hyps[m][i] for i in scored])

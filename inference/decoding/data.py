@@ -1,5 +1,8 @@
 """Decoding input: utterances (key, transcript, waveform) from a shard list or a Kaldi data dir.
 
+A transcript is only the reference to score against: utterances without one (no `text` line,
+or no `text` file at all) are decoded all the same, with an empty text.
+
 Audio goes through data_prep's own reading and resampling (SampleProcessor in its
 device-features mode yields the waveform), and features through data_prep's fbank, so decoding
 sees exactly the features training saw.
@@ -29,7 +32,7 @@ from ...data_prep.stats import DataStats
 @dataclass
 class AudioUtterance:
     key: str
-    text: str
+    text: str  # the reference; empty when there is none
     wave: torch.Tensor  # [S] float in [-1, 1] at the model's sample rate
     duration: float  # seconds
 
@@ -53,9 +56,10 @@ def batch_fbank(waves: list[torch.Tensor], cfg: DataConfig, device: torch.device
 
 
 def _raw_from_data_dir(data_dir: Path, stats: DataStats) -> Iterator[RawUtterance]:
-    kaldi = read_kaldi_dir(data_dir)
+    kaldi = read_kaldi_dir(data_dir, require_text=False)
+    # What is left is a key without audio (a `text` line, or a segment of an unknown recording).
     for key, kind in kaldi.problems:
-        stats.record(kind, str(data_dir), key)
+        stats.record("missing_audio", str(data_dir), key, kind)
     for utt in kaldi.utterances:
         if utt.segment is not None:
             raise DataPrepError(f"{data_dir}/segments: segment cuts are not read here; "

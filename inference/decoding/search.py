@@ -45,6 +45,13 @@ def decode_batch(model: U2Model, feats: torch.Tensor, feats_lengths: torch.Tenso
                  opts: DecodeOptions) -> dict[str, list[list[int]]]:
     """Unit ids per utterance for each requested mode; the encoder and CTC run once."""
     memory, valid = encode(model, feats, feats_lengths, opts)
+    return decode_encoded(model, memory, valid, modes, opts)
+
+
+@torch.inference_mode()
+def decode_encoded(model: U2Model, memory: torch.Tensor, valid: torch.Tensor, modes: list[str],
+                   opts: DecodeOptions) -> dict[str, list[list[int]]]:
+    """decode_batch from the encoder output (memory [B, T', D], valid [B, T'])."""
     lengths = valid.sum(dim=1)
     log_probs = model.ctc.log_softmax(memory)
     out: dict[str, list[list[int]]] = {}
