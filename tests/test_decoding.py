@@ -390,7 +390,7 @@ def test_decode_summary_counts_the_decoded_utterances_beside_the_skipped(tmp_pat
 
 
 def test_decode_data_dir_with_missing_and_partial_text(tmp_path, capsys):
-    from u2moe.cli import main
+    from u2moe.__main__ import main
 
     cfg = load_config("tiny_dense")
     save_model_file(tmp_path / "model.pt", tiny_model("tiny_dense"), cfg, units_for(cfg.model.vocab_size))

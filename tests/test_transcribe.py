@@ -20,7 +20,7 @@ import torch
 import u2moe
 from decoding_helpers import chirp, tiny_model, units_for
 from transcribe_helpers import Trained, train_small_model
-from u2moe.cli import main
+from u2moe.__main__ import main
 from u2moe.configs.experiment import load_config
 from u2moe.data_prep.audio import resample
 from u2moe.inference.decoding.data import batch_fbank, decoding_data_config
