@@ -8,6 +8,12 @@ few fixed shapes (`data.batch.type: bucket`), the MoE layers keep padded frames 
 skipped, instead of removing them (`MoEFeedForward.static_shapes`), and each stack keeps one
 graph pair per shape, captured the second time the shape comes (a few tenths of a second) and
 replayed after that.
+A stack's graphs of all its shapes draw on one memory pool: a shape's saved activations and
+temporaries live only from its forward replay to the end of its backward replay, and the stack
+runs each forward's backward before its next replay (one forward and backward per micro-batch),
+so the shapes can reuse each other's memory. What a graph keeps across steps (its output and
+gradient buffers) stays allocated, its own. A pool per shape would hold one set of activations
+per shape, which at the 1B presets' batches fills a card with a handful of shapes.
 Everything else of the step (features, embeddings, masks, CTC and attention losses, optimizer,
 and ZeRO's gradient reduction, which runs from the parameters' gradient hooks after the replay)
 stays eager.
@@ -40,7 +46,8 @@ RunLayers = Callable[..., torch.Tensor]
 class _StackGraph:
     """A layer stack's forward and backward, captured for one set of input shapes."""
 
-    def __init__(self, run: RunLayers, layers: nn.Module, args: Sequence[torch.Tensor], warmup: int):
+    def __init__(self, run: RunLayers, layers: nn.Module, args: Sequence[torch.Tensor], warmup: int,
+                 pool: tuple[int, int]):
         self.params = tuple(layers.parameters())
         self.inputs = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
         # Captured on fresh leaves that share the parameters' memory: the parameters themselves
@@ -59,7 +66,6 @@ class _StackGraph:
                     # stream, to the capture (autograd warns of the stream mismatch).
                     del out
             torch.cuda.synchronize()
-            pool = torch.cuda.graph_pool_handle()
             self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
             # thread_local: the data loader's pin-memory thread keeps calling CUDA meanwhile.
             with torch.cuda.graph(self.forward_graph, pool=pool, capture_error_mode="thread_local"):
@@ -155,6 +161,7 @@ class GraphedLayers:
         self.graphs: dict[tuple, _StackGraph] = {}
         self.seen: set[tuple] = set()
         self.eager_calls = 0
+        self.pool: tuple[int, int] | None = None  # shared by this stack's graphs, made at the first capture
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         key = tuple((a.shape, a.dtype, a.requires_grad) for a in args)
@@ -168,7 +175,9 @@ class GraphedLayers:
                 if not torch.is_grad_enabled():
                     return self.run(*args)
                 return _Eager.apply(self.run, self.layers, len(args), *args, *self.layers.parameters())
-            graph = self.graphs[key] = _StackGraph(self.run, self.layers, args, self.warmup)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = self.graphs[key] = _StackGraph(self.run, self.layers, args, self.warmup, self.pool)
         # Parameters as they are now: the graph read the ones it was captured with; were the
         # modules holding other tensors (an unswapped compute weight), it would silently use stale ones.
         params = tuple(self.layers.parameters())
