@@ -11,9 +11,11 @@ replayed after that.
 A stack's graphs of all its shapes draw on one memory pool: a shape's saved activations and
 temporaries live only from its forward replay to the end of its backward replay, and the stack
 runs each forward's backward before its next replay (one forward and backward per micro-batch),
-so the shapes can reuse each other's memory. What a graph keeps across steps (its output and
-gradient buffers) stays allocated, its own. A pool per shape would hold one set of activations
-per shape, which at the 1B presets' batches fills a card with a handful of shapes.
+so the shapes can reuse each other's memory. The parameters' gradients of every shape land in
+one set of buffers too (a copy at the end of the backward graph), since autograd copies them out
+before the next replay. What a graph keeps to itself is its inputs, output and input gradients.
+A pool and gradient buffers per shape would hold one set of activations and one model's worth
+of gradients per shape, which at the 1B presets' batches fills a card with a handful of shapes.
 Everything else of the step (features, embeddings, masks, CTC and attention losses, optimizer,
 and ZeRO's gradient reduction, which runs from the parameters' gradient hooks after the replay)
 stays eager.
@@ -47,7 +49,7 @@ class _StackGraph:
     """A layer stack's forward and backward, captured for one set of input shapes."""
 
     def __init__(self, run: RunLayers, layers: nn.Module, args: Sequence[torch.Tensor], warmup: int,
-                 pool: tuple[int, int]):
+                 pool: tuple[int, int], param_grads: Sequence[torch.Tensor | None]):
         self.params = tuple(layers.parameters())
         self.inputs = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
         # Captured on fresh leaves that share the parameters' memory: the parameters themselves
@@ -72,9 +74,14 @@ class _StackGraph:
                 output = run(*self.inputs)
             self.grad_output = torch.empty_like(output)
             with torch.cuda.graph(self.backward_graph, pool=pool, capture_error_mode="thread_local"):
-                self.grads = _leaf_grads(output, leaves, self.grad_output)
-        # The captured autograd graph is not needed after its capture: the replays reuse its
-        # memory, which stays the graphs' own (their private pool).
+                grads = _leaf_grads(output, leaves, self.grad_output)
+                for shared, grad in zip(param_grads, grads[len(self.inputs):]):
+                    if grad is not None:
+                        shared.copy_(grad)
+        # The captured autograd graph and the captured gradients are not needed after the
+        # capture: their memory is the pool's, for the other shapes' captures to reuse.
+        self.grads = (*grads[:len(self.inputs)], *(shared if grad is not None else None
+                                                   for shared, grad in zip(param_grads, grads[len(self.inputs):])))
         self.output = output.detach()
 
     def load(self, args: Sequence[torch.Tensor]) -> None:
@@ -161,7 +168,9 @@ class GraphedLayers:
         self.graphs: dict[tuple, _StackGraph] = {}
         self.seen: set[tuple] = set()
         self.eager_calls = 0
-        self.pool: tuple[int, int] | None = None  # shared by this stack's graphs, made at the first capture
+        # Shared by this stack's graphs, made at the first capture.
+        self.pool: tuple[int, int] | None = None
+        self.param_grads: list[torch.Tensor | None] = []
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         key = tuple((a.shape, a.dtype, a.requires_grad) for a in args)
@@ -177,7 +186,9 @@ class GraphedLayers:
                 return _Eager.apply(self.run, self.layers, len(args), *args, *self.layers.parameters())
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
-            graph = self.graphs[key] = _StackGraph(self.run, self.layers, args, self.warmup, self.pool)
+                self.param_grads = [torch.empty_like(p) if p.requires_grad else None for p in self.layers.parameters()]
+            graph = self.graphs[key] = _StackGraph(self.run, self.layers, args, self.warmup, self.pool,
+                                                   self.param_grads)
         # Parameters as they are now: the graph read the ones it was captured with; were the
         # modules holding other tensors (an unswapped compute weight), it would silently use stale ones.
         params = tuple(self.layers.parameters())
