@@ -75,9 +75,10 @@ class _StackGraph:
             self.grad_output = torch.empty_like(output)
             with torch.cuda.graph(self.backward_graph, pool=pool, capture_error_mode="thread_local"):
                 grads = _leaf_grads(output, leaves, self.grad_output)
-                for shared, grad in zip(param_grads, grads[len(self.inputs):]):
-                    if grad is not None:
-                        shared.copy_(grad)
+                # One multi-tensor copy: a copy per parameter would add hundreds of kernels.
+                copies = [(shared, grad) for shared, grad in zip(param_grads, grads[len(self.inputs):])
+                          if grad is not None]
+                torch._foreach_copy_([shared for shared, _ in copies], [grad for _, grad in copies])
         # The captured autograd graph and the captured gradients are not needed after the
         # capture: their memory is the pool's, for the other shapes' captures to reuse.
         self.grads = (*grads[:len(self.inputs)], *(shared if grad is not None else None
