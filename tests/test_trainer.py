@@ -428,11 +428,11 @@ def test_stitched_batches_join_utterances_in_order(waves):
 def test_stitched_batches_take_bucket_shapes_for_bucket_batching():
     """`--utt-seconds` with `data.batch.type: bucket`: the joined utterances come in the loader's
     fixed shapes (what CUDA graphs replay), padded frames and targets masked by their lengths."""
+    from u2moe.bench.train_step import stitch_batches
     from u2moe.configs.data import BatchConfig, DataConfig
     from u2moe.data_prep.batching import collate
     from u2moe.data_prep.features import num_frames, samples_for_frames
     from u2moe.data_prep.sample_processor import Sample
-    from u2moe.bench.train_step import stitch_batches
 
     data = DataConfig(batch=BatchConfig(type="bucket", max_frames_in_batch=4000, bucket_frames=200, bucket_tokens=16))
     gen = torch.Generator().manual_seed(0)
