@@ -37,8 +37,8 @@ from typing import Any
 import torch
 
 from ..configs.data import DataConfig
-from ..data_prep.batching import collate, dynamic_batches
-from ..data_prep.features import num_frames
+from ..data_prep.batching import bucket_batches, collate, dynamic_batches
+from ..data_prep.features import num_frames, samples_for_frames
 from ..data_prep.sample_processor import Sample
 from ..trainer.cli import add_model_and_data_arguments
 from ..trainer.distributed import cap_gpu_memory, distributed
@@ -92,9 +92,11 @@ def _utterances(batch: dict[str, Any]) -> Iterator[tuple[str, float, list[int], 
 
 def stitch_batches(batches: list[dict[str, Any]], utt_seconds: float, data: DataConfig) -> list[dict[str, Any]]:
     """The batches' utterances joined in order (audio or features, and transcripts) into
-    utterances of at least `utt_seconds`, batched again within the frame budget: the step of a
-    long-utterance corpus (LibriSpeech averages 12 s) measured with a short-utterance one. A
-    joined utterance longer than the budget is left out; the tail shorter than `utt_seconds` too."""
+    utterances of at least `utt_seconds`, batched again within the frame budget as the loader
+    batches (bucket shapes for `data.batch.type: bucket`, which CUDA graphs replay; dynamic
+    otherwise): the step of a long-utterance corpus (LibriSpeech averages 12 s) measured with a
+    short-utterance one. A joined utterance longer than the budget is left out; the tail shorter
+    than `utt_seconds` too."""
 
     budget = data.batch.max_frames_in_batch
     waves = "wavs" in batches[0]
@@ -111,13 +113,19 @@ def stitch_batches(batches: list[dict[str, Any]], utt_seconds: float, data: Data
             joined.append(Sample("+".join(p[0] for p in parts), length, duration, [t for p in parts for t in p[2]],
                                  feats=None if waves else audio, wave=audio if waves else None))
         parts = []
+    if data.batch.type == "bucket":
+        return [collate(group, pad_frames=frames, pad_samples=samples_for_frames(frames, data.fbank, data.sample_rate),
+                        tokens_multiple=data.batch.bucket_tokens)
+                for group, frames in bucket_batches(joined, budget, data.batch.bucket_frames)]
     return [collate(b) for b in dynamic_batches(joined, budget)]
 
 
 def measure_steps(trainer: Any, batches: list[dict[str, Any]], steps: int) -> dict[str, float]:
     device = trainer.info.device
     trainer.engine.train()
-    for batch in batches[:3]:  # warm-up: kernels, allocator, autotuning
+    # Warm-up: kernels, allocator, autotuning; with CUDA graphs every batch twice, since a
+    # shape is captured when it comes back, so that the timed steps replay as training does.
+    for batch in (batches * 2 if trainer.graphed_layers else batches[:3]):
         trainer.train_step(batch)
     _sync(device)
     times, audio, flops = [], 0.0, 0
@@ -284,6 +292,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  f"data.batch.max_frames_in_batch={cfg.data.batch.max_frames_in_batch}")
             result["utt_seconds_mean"] = statistics.mean(d for b in batches for d in b["durations"])
         result.update(measure_steps(trainer, batches, args.steps))
+        if trainer.graphed_layers:
+            # Eager calls after the warm-up would mean timed steps that did not replay.
+            result["cuda_graph_shapes"] = sum(len(r.graphs) for r in trainer.graphed_layers)
+            result["cuda_graph_eager_calls"] = sum(r.eager_calls for r in trainer.graphed_layers)
         if args.live_steps:
             result.update(measure_live_steps(trainer, args.live_steps))
         result["syncs_per_step"] = count_syncs(trainer, batches[0])

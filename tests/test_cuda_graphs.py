@@ -40,17 +40,20 @@ def test_cuda_graphs_are_refused_naming_every_unmet_condition(monkeypatch):
 
 
 def test_a_shape_is_captured_on_its_second_sighting_and_replayed_after(monkeypatch):
-    """The runner's bookkeeping, without a GPU: captures and replays stand in as recordings."""
+    """The runner's bookkeeping, without a GPU: captures and replays stand in as recordings; all
+    of a stack's captures share one memory pool and one set of parameter gradient buffers."""
     import u2moe.trainer.cuda_graphs as cuda_graphs
 
-    captured, replayed = [], []
+    captured, replayed, pools = [], [], []
 
     class Recorded:
-        def __init__(self, run, layers, args, warmup):
+        def __init__(self, run, layers, args, warmup, pool, param_grads):
             self.params = tuple(layers.parameters())
             captured.append(tuple(a.shape for a in args))
+            pools.append((pool, param_grads))
 
     monkeypatch.setattr(cuda_graphs, "_StackGraph", Recorded)
+    monkeypatch.setattr(cuda_graphs.torch.cuda, "graph_pool_handle", lambda: object())
     monkeypatch.setattr(cuda_graphs._Replay, "apply", lambda graph, *a: replayed.append(graph) or a[0])
     layers = torch.nn.Linear(4, 4)
     eager = []
@@ -60,6 +63,7 @@ def test_a_shape_is_captured_on_its_second_sighting_and_replayed_after(monkeypat
         runner(x)
     # a: eager, captured, replayed; b: eager, captured; c: eager every time (past max_shapes).
     assert captured == [(a.shape,), (b.shape,)] and len(replayed) == 3
+    assert pools[0][0] is pools[1][0] and pools[0][1] is pools[1][1]  # one pool, one set of gradient buffers
     assert eager == [a.shape, b.shape, c.shape, c.shape, c.shape] and runner.eager_calls == 5
     layers.weight = torch.nn.Parameter(layers.weight.detach().clone())  # a weight the graph never saw
     with pytest.raises(RuntimeError, match="other parameter tensors"):

@@ -425,6 +425,34 @@ def test_stitched_batches_join_utterances_in_order(waves):
     assert sorted(seen, key=order.index) == order[:len(seen)] and len(seen) > 30  # consecutive, from the start
 
 
+def test_stitched_batches_take_bucket_shapes_for_bucket_batching():
+    """`--utt-seconds` with `data.batch.type: bucket`: the joined utterances come in the loader's
+    fixed shapes (what CUDA graphs replay), padded frames and targets masked by their lengths."""
+    from u2moe.bench.train_step import stitch_batches
+    from u2moe.configs.data import BatchConfig, DataConfig
+    from u2moe.data_prep.batching import collate
+    from u2moe.data_prep.features import num_frames, samples_for_frames
+    from u2moe.data_prep.sample_processor import Sample
+
+    data = DataConfig(batch=BatchConfig(type="bucket", max_frames_in_batch=4000, bucket_frames=200, bucket_tokens=16))
+    gen = torch.Generator().manual_seed(0)
+    originals = []
+    for i in range(60):
+        seconds = 1.0 + (i % 7) * 0.4
+        wave = torch.randn(int(seconds * 16000), generator=gen)
+        originals.append(Sample(f"u{i}", num_frames(len(wave), data.fbank, data.sample_rate), seconds,
+                                [i % 7 + 1] * (i % 3 + 1), wave=wave))
+    stitched = stitch_batches([collate(originals[i:i + 6]) for i in range(0, 60, 6)], 6.0, data)
+    shapes = set()
+    for batch in stitched:
+        frames = [num_frames(int(n), data.fbank, data.sample_rate) for n in batch["wav_lengths"]]
+        padded = -(-max(frames) // 200) * 200
+        assert batch["wavs"].shape[1] == samples_for_frames(padded, data.fbank, data.sample_rate)
+        assert batch["target"].shape[1] % 16 == 0 and padded * len(frames) <= 4000
+        shapes.add(tuple(batch["wavs"].shape))
+    assert len(stitched) > len(shapes)  # shapes repeat
+
+
 def test_bench_train_reads_one_epoch_and_steps(corpus, tmp_path):
     """`u2moe bench train`: the loader pass covers the whole training set, the steps run (here on
     utterances joined to 3 s)."""

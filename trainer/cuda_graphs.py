@@ -8,6 +8,14 @@ few fixed shapes (`data.batch.type: bucket`), the MoE layers keep padded frames 
 skipped, instead of removing them (`U2Model.use_static_shapes`), and each stack keeps one
 graph pair per shape, captured the second time the shape comes (a few tenths of a second) and
 replayed after that.
+A stack's graphs of all its shapes draw on one memory pool: a shape's saved activations and
+temporaries live only from its forward replay to the end of its backward replay, and the stack
+runs each forward's backward before its next replay (one forward and backward per micro-batch),
+so the shapes can reuse each other's memory. The parameters' gradients of every shape land in
+one set of buffers too (a copy at the end of the backward graph), since autograd copies them out
+before the next replay. What a graph keeps to itself is its inputs, output and input gradients.
+A pool and gradient buffers per shape would hold one set of activations and one model's worth
+of gradients per shape, which at the 1B presets' batches fills a card with a handful of shapes.
 Everything else of the step (features, embeddings, masks, CTC and attention losses, optimizer,
 and ZeRO's gradient reduction, which runs from the parameters' gradient hooks after the replay)
 stays eager.
@@ -40,7 +48,8 @@ RunLayers = Callable[..., torch.Tensor]
 class _StackGraph:
     """A layer stack's forward and backward, captured for one set of input shapes."""
 
-    def __init__(self, run: RunLayers, layers: nn.Module, args: Sequence[torch.Tensor], warmup: int):
+    def __init__(self, run: RunLayers, layers: nn.Module, args: Sequence[torch.Tensor], warmup: int,
+                 pool: tuple[int, int], param_grads: Sequence[torch.Tensor | None]):
         self.params = tuple(layers.parameters())
         self.inputs = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
         # Captured on fresh leaves that share the parameters' memory: the parameters themselves
@@ -59,16 +68,21 @@ class _StackGraph:
                     # stream, to the capture (autograd warns of the stream mismatch).
                     del out
             torch.cuda.synchronize()
-            pool = torch.cuda.graph_pool_handle()
             self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
             # thread_local: the data loader's pin-memory thread keeps calling CUDA meanwhile.
             with torch.cuda.graph(self.forward_graph, pool=pool, capture_error_mode="thread_local"):
                 output = run(*self.inputs)
             self.grad_output = torch.empty_like(output)
             with torch.cuda.graph(self.backward_graph, pool=pool, capture_error_mode="thread_local"):
-                self.grads = _leaf_grads(output, leaves, self.grad_output)
-        # The captured autograd graph is not needed after its capture: the replays reuse its
-        # memory, which stays the graphs' own (their private pool).
+                grads = _leaf_grads(output, leaves, self.grad_output)
+                # One multi-tensor copy: a copy per parameter would add hundreds of kernels.
+                copies = [(shared, grad) for shared, grad in zip(param_grads, grads[len(self.inputs):])
+                          if grad is not None]
+                torch._foreach_copy_([shared for shared, _ in copies], [grad for _, grad in copies])
+        # The captured autograd graph and the captured gradients are not needed after the
+        # capture: their memory is the pool's, for the other shapes' captures to reuse.
+        self.grads = (*grads[:len(self.inputs)], *(shared if grad is not None else None
+                                                   for shared, grad in zip(param_grads, grads[len(self.inputs):])))
         self.output = output.detach()
 
     def load(self, args: Sequence[torch.Tensor]) -> None:
@@ -155,6 +169,9 @@ class GraphedLayers:
         self.graphs: dict[tuple, _StackGraph] = {}
         self.seen: set[tuple] = set()
         self.eager_calls = 0
+        # Shared by this stack's graphs, made at the first capture.
+        self.pool: tuple[int, int] | None = None
+        self.param_grads: list[torch.Tensor | None] = []
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         key = tuple((a.shape, a.dtype, a.requires_grad) for a in args)
@@ -168,7 +185,11 @@ class GraphedLayers:
                 if not torch.is_grad_enabled():
                     return self.run(*args)
                 return _Eager.apply(self.run, self.layers, len(args), *args, *self.layers.parameters())
-            graph = self.graphs[key] = _StackGraph(self.run, self.layers, args, self.warmup)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+                self.param_grads = [torch.empty_like(p) if p.requires_grad else None for p in self.layers.parameters()]
+            graph = self.graphs[key] = _StackGraph(self.run, self.layers, args, self.warmup, self.pool,
+                                                   self.param_grads)
         # Parameters as they are now: the graph read the ones it was captured with; were the
         # modules holding other tensors (an unswapped compute weight), it would silently use stale ones.
         params = tuple(self.layers.parameters())
