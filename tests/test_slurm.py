@@ -89,10 +89,12 @@ def test_sbatch_asks_for_gpus_and_refuses_to_train_without_them(slurm, tmp_path)
 
     (tmp_path / "text").write_text("u1 abc\n")
     train_units(tmp_path / "text", tmp_path / "units", "char")
+    present = tmp_path / "present"  # input paths are checked first: the others only need to exist
+    present.touch()
     code, log = _sbatch(slurm, tmp_path, ["--ntasks-per-node=2", "--cpus-per-task=1"], [
         str(REPO / "launch" / "slurm_train.sbatch"), "--config", "tiny_moe", "--ds-config",
-        str(REPO / "ds_configs" / "zero2_fp32.json"), "--train-shards", "none", "--dev-shards", "none",
-        "--units", str(tmp_path / "units"), "--cmvn", "none", "--exp-dir", str(tmp_path / "exp")])
+        str(REPO / "ds_configs" / "zero2_fp32.json"), "--train-shards", str(present), "--dev-shards",
+        str(present), "--units", str(tmp_path / "units"), "--cmvn", str(present), "--exp-dir", str(tmp_path / "exp")])
     assert code != 0, log
     assert "GPUs per node: 8" in log, log
     refusals = [line for line in log.splitlines() if "refusing to train on the CPU" in line]
