@@ -3,8 +3,7 @@
 # weights, decoding), then `u2moe bench moe` (all paths, kernel profile), `u2moe bench moe-ep`
 # (expert parallelism over the machine's GPUs, when it has 2 or more) and `u2moe bench moe-infer`,
 # logs under $1.
-# Run from the repository root with u2moe importable (installed, or on PYTHONPATH); the commands
-# run from /tmp so that the repository's own u2moe/ folder does not shadow the package.
+# Run from the repository root with u2moe importable (installed, or on PYTHONPATH).
 set -o pipefail
 out=${1:-.}
 repo=$PWD
