@@ -448,9 +448,9 @@ def run_training(cfg: ExperimentConfig, paths: TrainPaths, info: DistInfo, max_s
                  max_minutes: float | None = None, run_log: RunLog | None = None) -> None:
     if max_steps is not None:
         cfg.train.max_steps = max_steps
-    # Every check (inputs, config, the checkpoint to resume) before anything is written: a refused
-    # start leaves the exp dir as it was, and its checkpoints exportable.
-    paths.check()
+    # Every check before anything is written (the inputs by the caller, `paths.check`; the config
+    # and the checkpoint to resume here): a refused start leaves the exp dir as it was, and its
+    # checkpoints exportable.
     trainer = Trainer(cfg, paths, info, max_minutes)
     trainer.resume()
     paths.exp_dir.mkdir(parents=True, exist_ok=True)
