@@ -22,9 +22,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from ..configs.experiment import load_config
 from ..trainer.distributed import distributed
 from ..trainer.train import Trainer, TrainPaths
+from ..trainer.vocab_size import load_training_config
 from .train_step import measure_loader, measure_steps
 
 
@@ -49,7 +49,7 @@ def main() -> None:
     args = p.parse_args()
 
     with distributed() as info, tempfile.TemporaryDirectory() as exp_dir:
-        trainers = {name: Trainer(load_config(args.config, [*args.set, *sets]),
+        trainers = {name: Trainer(load_training_config(args.config, [*args.set, *sets], args.units),
                                   TrainPaths(args.train_shards, args.train_shards, args.units, args.cmvn,
                                              Path(exp_dir) / name, ds_config), info)
                     for name, ds_config, sets in args.variant}

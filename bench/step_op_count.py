@@ -18,12 +18,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..configs.experiment import load_config
 from ..trainer.distributed import distributed
 from ..trainer.train import Trainer, TrainPaths
+from ..trainer.vocab_size import load_training_config
 from .train_step import measure_loader
 
 NO_LAUNCH = {"view", "_unsafe_view", "t", "transpose", "expand", "detach", "unsqueeze", "squeeze", "slice",
@@ -57,7 +56,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_training_config(args.config, args.set, args.units)
     with distributed() as info, tempfile.TemporaryDirectory() as exp_dir:
         paths = TrainPaths(args.train_shards, args.train_shards, args.units, args.cmvn, Path(exp_dir), args.ds_config)
         trainer = Trainer(cfg, paths, info)

@@ -28,9 +28,7 @@ from ..model.cmvn import GlobalCMVN, load_cmvn
 from ..model.flops import peak_tflops, training_flops
 from .checkpoint import load_latest, save_checkpoint
 from .distributed import DistInfo
-from .ds_config import (
-    load_ds_config,
-)
+from .ds_config import load_ds_config
 from .engine import build_engine, refuse_incompatible
 from .progress import BlankOutputWatch, Reporter, ThroughputMeter, dev_line, gpu_memory_gb
 from .run_log import RunLog
