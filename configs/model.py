@@ -39,6 +39,10 @@ class EncoderConfig:
     attention_heads: int = 4
     num_blocks: int = 12
     subsampling: Literal[4, 6, 8] = 4
+    # Channels of the front-end's Conv2d layers (0: output_size, as in WeNet). The second 3x3
+    # convolution costs channels^2 per output pixel: on a CPU it can be a third of a small
+    # model's step, and fewer channels (icefall's front-ends use 8-128) cut that.
+    subsampling_channels: int = 0
     dropout_rate: float = 0.1
     positional_dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.0
@@ -69,6 +73,8 @@ class EncoderConfig:
             raise ConfigError("causal convolution needs cnn_module_norm: layer_norm")
         if not 0.0 <= self.full_context_prob <= 1.0:
             raise ConfigError("full_context_prob must be in [0, 1]")
+        if self.subsampling_channels < 0:
+            raise ConfigError("subsampling_channels must be >= 0 (0: output_size)")
         if self.max_chunk_size < 1 or self.static_chunk_size < 0:
             raise ConfigError("max_chunk_size must be >= 1 and static_chunk_size >= 0")
 

@@ -5,22 +5,32 @@ from dataclasses import dataclass
 
 from .loading import ConfigError
 
+SCHEDULES = ("inverse_sqrt", "cosine")
+
 
 @dataclass
 class OptimConfig:
-    """AdamW with WeNet's WarmupLR: linear warmup, then decay as 1/sqrt(step)."""
+    """AdamW, linear warmup to `lr`, then a decay (trainer/scheduler.py)."""
 
     lr: float = 1.0e-3
     weight_decay: float = 1.0e-6
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1.0e-8
     warmup_steps: int = 25000
+    # inverse_sqrt: WeNet's WarmupLR, open-ended (lr / sqrt(step / warmup)). cosine: to
+    # lr * final_lr_ratio at train.max_steps, for a run of a known length (it needs max_steps).
+    schedule: str = "inverse_sqrt"
+    final_lr_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.weight_decay < 0 or self.eps <= 0:
             raise ConfigError("optim needs lr > 0, weight_decay >= 0, eps > 0")
         if self.warmup_steps < 1:
             raise ConfigError("optim.warmup_steps must be >= 1")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule: '{self.schedule}' is none of {', '.join(SCHEDULES)}")
+        if not 0.0 <= self.final_lr_ratio <= 1.0:
+            raise ConfigError("optim.final_lr_ratio must be in [0, 1]")
 
 
 @dataclass

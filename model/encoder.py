@@ -25,7 +25,7 @@ class ConformerEncoder(nn.Module):
         self.cfg = cfg
         # Always present so that checkpoints have one layout; identity statistics until set.
         self.global_cmvn = cmvn or GlobalCMVN(torch.zeros(cfg.input_size), torch.ones(cfg.input_size))
-        self.embed = Conv2dSubsampling(cfg.input_size, cfg.output_size, cfg.subsampling)
+        self.embed = Conv2dSubsampling(cfg.input_size, cfg.output_size, cfg.subsampling, cfg.subsampling_channels)
         self.pos_enc = RelPositionalEncoding(cfg.output_size, cfg.positional_dropout_rate)
         self.encoders = nn.ModuleList(ConformerEncoderLayer(cfg) for _ in range(cfg.num_blocks))
         self.after_norm = nn.LayerNorm(cfg.output_size)

@@ -34,11 +34,12 @@ def subsampled_frames(cfg: ModelConfig, frames: int) -> int:
 def encoder_flops(cfg: ModelConfig, frames: int) -> int:
     enc, d = cfg.encoder, cfg.encoder.output_size
     flops, t, f, channels = 0, frames, enc.input_size, 1
+    conv_channels = enc.subsampling_channels or d
     for kernel, stride in _LAYERS[enc.subsampling]:
         t, f = (t - kernel) // stride + 1, (f - kernel) // stride + 1
-        flops += 2 * channels * kernel * kernel * d * t * f
-        channels = d
-    flops += _linear(d * f, d, t)
+        flops += 2 * channels * kernel * kernel * conv_channels * t * f
+        channels = conv_channels
+    flops += _linear(conv_channels * f, d, t)
     ffns = 2 if enc.macaron_style else 1
     block = ffns * _feed_forward(d, enc.ffn, t)
     # Relative-position attention: q, k, v, out; the position projection of 2t - 1 distances;

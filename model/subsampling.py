@@ -9,15 +9,16 @@ _LAYERS = {4: [(3, 2), (3, 2)], 6: [(3, 2), (5, 3)], 8: [(3, 2), (3, 2), (3, 2)]
 
 
 class Conv2dSubsampling(nn.Module):
-    def __init__(self, idim: int, odim: int, rate: int):
+    def __init__(self, idim: int, odim: int, rate: int, conv_channels: int = 0):
         super().__init__()
+        conv_channels = conv_channels or odim
         layers: list[nn.Module] = []
         freq, channels = idim, 1
         for kernel, stride in _LAYERS[rate]:
-            layers += [nn.Conv2d(channels, odim, kernel, stride), nn.ReLU()]
-            freq, channels = (freq - kernel) // stride + 1, odim
+            layers += [nn.Conv2d(channels, conv_channels, kernel, stride), nn.ReLU()]
+            freq, channels = (freq - kernel) // stride + 1, conv_channels
         self.conv = nn.Sequential(*layers)
-        self.out = nn.Linear(odim * freq, odim)
+        self.out = nn.Linear(conv_channels * freq, odim)
         self.layers = _LAYERS[rate]
         self.subsampling_rate = rate
         # Input frames the first output frame depends on beyond its own stride: the look-ahead

@@ -8,10 +8,11 @@ from u2moe.model import U2Model
 from u2moe.model.flops import forward_flops, peak_tflops, training_flops
 
 
-@pytest.mark.parametrize("preset", ["tiny_dense", "tiny_moe"])
+@pytest.mark.parametrize("preset,sets", [("tiny_dense", []), ("tiny_moe", []),
+                                         ("tiny_moe", ["model.encoder.subsampling_channels=32"])])
 @pytest.mark.parametrize("frames,tokens", [(203, 7), (480, 12)])
-def test_forward_flops_match_torch_flop_counter(preset, frames, tokens):
-    cfg = load_config(preset, ["model.encoder.use_dynamic_chunk=false"]).model
+def test_forward_flops_match_torch_flop_counter(preset, sets, frames, tokens):
+    cfg = load_config(preset, ["model.encoder.use_dynamic_chunk=false", *sets]).model
     torch.manual_seed(0)
     model = U2Model(cfg).train()
     feats = torch.randn(1, frames, cfg.encoder.input_size)

@@ -52,7 +52,7 @@ def _worker(rank: int, world: int, port: int, queue, ep: int, ds_path: str) -> N
     from u2moe.trainer.clipping import GradClipper
     from u2moe.trainer.ds_config import load_ds_config, trainer_clips
     from u2moe.trainer.optim import build_optimizer
-    from u2moe.trainer.scheduler import warmup_lr
+    from u2moe.trainer.scheduler import build_scheduler
 
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = load_config("tiny_moe", OVERRIDES + [f"train.expert_parallel_size={ep}"])
@@ -62,7 +62,7 @@ def _worker(rank: int, world: int, port: int, queue, ep: int, ds_path: str) -> N
     optimizer = build_optimizer(model, cfg.optim)
     ds_cfg = load_ds_config(ds_path, cfg.train, world)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           lr_scheduler=warmup_lr(optimizer, cfg.optim.warmup_steps),
+                                           lr_scheduler=build_scheduler(optimizer, cfg.optim, 0),
                                            config=ds_cfg)
     assert engine.has_moe_layers
     feats, lens, target, tl = _batch(cfg.model.vocab_size)

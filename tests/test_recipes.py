@@ -188,7 +188,7 @@ def test_librispeech_train_export_decode_on_cpu(tmp_path):
         "--gpus", "2", "--expert-parallel-size", "2", "--train-opts",
         f"{TINY} --set train.save_interval=1 --max-steps 5"], tmp_path)
     # The steps really ran (each rank needs a shard of its own: 6 utterances, 3 per shard).
-    assert re.search(r"epoch \d+ step 5 loss", out), out[-3000:]
+    assert re.search(r"epoch \d+ step 5/5 eta \S+ loss", out), out[-3000:]
     # The shipped average_num, over the checkpoints of steps 1-5.
     assert "--average 5" in out and (exp / "avg_5.pt").is_file()
     for mode in ("ctc_greedy", "ctc_prefix_beam", "attention", "attention_rescoring"):

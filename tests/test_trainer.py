@@ -18,11 +18,11 @@ import torch
 from spawn_helpers import free_port, send_result, spawn_ranks
 from trainer_helpers import (kill_all, prepare_corpus, run, start, train_command, train_losses,
                              wait_for)
-from u2moe.configs.train import TrainConfig
+from u2moe.configs.train import OptimConfig, TrainConfig
 from u2moe.trainer.progress import BlankOutputWatch
 from u2moe.trainer.ds_config import (DeepSpeedConfigError, engine_config, load_ds_config, offloads_to_host, precision,
                                      trainer_clips, trainer_runs_bf16)
-from u2moe.trainer.scheduler import warmup_lr
+from u2moe.trainer.scheduler import build_scheduler
 
 
 # Dropout off: runs compared step by step must draw no random numbers of their own.
@@ -85,19 +85,34 @@ def test_blank_output_watch_tells_once_after_the_warm_up():
     assert said[3:] == [None] * 3  # once
 
 
-def test_warmup_lr_follows_wenet_formula():
+def _rates(cfg: OptimConfig, total_steps: int, steps: int) -> list[float]:
     param = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([param], lr=0.002)
-    sched = warmup_lr(opt, warmup_steps=100)
+    opt = torch.optim.SGD([param], lr=cfg.lr)
+    sched = build_scheduler(opt, cfg, total_steps)
     seen = []
-    for _ in range(300):
+    for _ in range(steps):
         seen.append(sched.get_last_lr()[0])
         opt.step()
         sched.step()
+    return seen
+
+
+def test_warmup_lr_follows_wenet_formula():
+    seen = _rates(OptimConfig(lr=0.002, warmup_steps=100), 0, 300)
     for i, lr in enumerate(seen):
         step = i + 1
         assert lr == pytest.approx(0.002 * 100 ** 0.5 * min(step ** -0.5, step * 100 ** -1.5))
     assert max(seen) == pytest.approx(0.002) and seen.index(max(seen)) == 99
+
+
+def test_cosine_schedule_warms_up_then_ends_at_the_final_rate():
+    cfg = OptimConfig(lr=0.003, warmup_steps=100, schedule="cosine", final_lr_ratio=0.1)
+    seen = _rates(cfg, 1000, 1000)
+    assert seen[:100] == pytest.approx([0.003 * s / 100 for s in range(1, 101)])
+    # halfway through the decay: the mean of the peak and the final rate
+    assert seen[549] == pytest.approx(0.003 * (0.1 + 0.9 * 0.5))
+    assert seen[-1] == pytest.approx(0.0003, rel=1e-4)
+    assert all(a >= b for a, b in zip(seen[99:], seen[100:]))
 
 
 @pytest.mark.slow
@@ -777,3 +792,32 @@ def test_one_process_bf16_step_gives_plain_autograds_gradients(corpus, tmp_path,
     for name, (got, want) in grads.items():
         assert got.dtype == torch.float32, name
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_step_clock_estimates_the_time_left_from_this_run_s_steps(monkeypatch):
+    from u2moe.trainer import progress
+
+    now = [50.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    clock = progress.StepClock(first_step=100, max_steps=400)  # resumed at step 100
+    assert clock.eta_seconds(100) is None
+    now[0] = 80.0  # 30 s for 20 steps: 1.5 s a step, 280 steps to go
+    assert clock.eta_seconds(120) == pytest.approx(420.0)
+    assert progress.format_duration(420.0) == "7m00s" and progress.format_duration(3725.4) == "1h02m"
+    assert progress.StepClock(0, max_steps=0).eta_seconds(10) is None
+
+
+def test_a_cosine_schedule_without_a_step_limit_is_refused_before_anything_is_built():
+    from u2moe.configs.experiment import load_config
+    from u2moe.configs.loading import ConfigError
+    from u2moe.trainer.distributed import DistInfo
+    from u2moe.trainer.engine import refuse_incompatible
+
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    cfg = load_config("tiny_moe", ["optim.schedule=cosine"])
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        refuse_incompatible(cfg, {}, "ds.json", info)
+    cfg.train.max_steps = 100  # as --max-steps sets it
+    refuse_incompatible(cfg, {}, "ds.json", info)
+    with pytest.raises(ConfigError, match="optim.schedule"):
+        load_config("tiny_moe", ["optim.schedule=linear"])

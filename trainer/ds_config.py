@@ -19,7 +19,7 @@ from ..configs.train import TrainConfig
 # JSON key -> where it lives instead.
 YAML_OWNED = {
     "optimizer": "optim.* (AdamW is built by the trainer)",
-    "scheduler": "optim.warmup_steps (WarmupLR)",
+    "scheduler": "optim.warmup_steps and optim.schedule",
     "gradient_clipping": "train.grad_clip",
     "gradient_accumulation_steps": "train.accum_grad",
     "train_batch_size": "data.batch.* (batches are dynamic; the trainer sets this)",

@@ -24,7 +24,7 @@ from .cuda_graphs import refuse_unsupported as refuse_cuda_graphs
 from .distributed import DistInfo, limit_host_threads
 from .ds_config import autocast_dtype, engine_config, offloads_to_host, precision, trainer_clips, trainer_runs_bf16
 from .optim import build_optimizer
-from .scheduler import warmup_lr
+from .scheduler import build_scheduler
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -54,6 +54,8 @@ def refuse_incompatible(cfg: ExperimentConfig, ds_cfg: dict[str, Any], ds_path: 
         if ffn.num_experts % ep:
             raise ConfigError(f"train.expert_parallel_size={ep} does not divide model.{part}.ffn.num_experts="
                               f"{ffn.num_experts}: each rank holds the same number of experts")
+    if cfg.optim.schedule == "cosine" and not cfg.train.max_steps:
+        raise ConfigError("optim.schedule=cosine decays to train.max_steps: set it (or --max-steps)")
     if moe_parts and info.world_size % ep:
         raise ConfigError(f"train.expert_parallel_size={ep} does not divide the world size {info.world_size}")
 
@@ -79,7 +81,7 @@ def build_engine(model: U2Model, cfg: ExperimentConfig, ds_cfg: dict[str, Any], 
             layer.compile(dynamic=True)  # in place: parameter names, checkpoints unchanged
     optimizer = build_optimizer(model, cfg.optim)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=warmup_lr(optimizer, cfg.optim.warmup_steps),
+        model=model, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, cfg.optim, cfg.train.max_steps),
         config=engine_config(ds_cfg))
     one_plain_process = info.world_size == 1 and not engine.zero_optimization()
     if one_plain_process:

@@ -46,6 +46,27 @@ class BlankOutputWatch:
                 f"optim.lr usually lets it")
 
 
+class StepClock:
+    """Time left to train.max_steps, from the steps this invocation has run so far (evaluations
+    and checkpoints included: the estimate is of the wall time the user waits)."""
+
+    def __init__(self, first_step: int, max_steps: int):
+        self.first_step, self.max_steps = first_step, max_steps
+        self.started = time.monotonic()
+
+    def eta_seconds(self, step: int) -> float | None:
+        done = step - self.first_step
+        if not self.max_steps or done <= 0:
+            return None
+        return (time.monotonic() - self.started) / done * max(0, self.max_steps - step)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
 def dev_line(step: int, utterances: int, metrics: dict[str, float]) -> str:
     """The log line of one dev evaluation (bench/plot_dev_loss.py reads it back from logs)."""
     return f"dev step {step} utts {utterances} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())

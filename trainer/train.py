@@ -30,7 +30,7 @@ from .checkpoint import load_latest, save_checkpoint
 from .distributed import DistInfo
 from .ds_config import load_ds_config
 from .engine import build_engine, refuse_incompatible
-from .progress import BlankOutputWatch, Reporter, ThroughputMeter, dev_line, gpu_memory_gb
+from .progress import BlankOutputWatch, Reporter, StepClock, ThroughputMeter, dev_line, format_duration, gpu_memory_gb
 from .run_log import RunLog
 from .watchdog import StepWatchdog
 
@@ -234,6 +234,7 @@ class Trainer:
         meter = ThroughputMeter(self.info.device, self.peak_tflops, self._all_to_all_seconds(),
                                 lambda: self.paused_seconds)
         load_sum: torch.Tensor | None = None
+        clock = StepClock(self.engine.global_steps, t.max_steps)
         done = bool(t.max_steps) and self.engine.global_steps >= t.max_steps
         # A training-time budget for this invocation, evaluation and checkpoints excluded: rank
         # 0's clock decides (one tiny all-reduce per step), so every rank stops after the same step.
@@ -265,7 +266,7 @@ class Trainer:
                     continue
                 step = self.engine.global_steps
                 if step % t.log_interval == 0:
-                    self._log(step, meter, load_sum)
+                    self._log(step, meter, load_sum, clock.eta_seconds(step))
                     load_sum = None
                 if t.eval_interval and step % t.eval_interval == 0:
                     self.evaluate(dev_loader, step)
@@ -315,7 +316,7 @@ class Trainer:
         self.reporter.scalars("epoch_data", {"epoch": self.epoch, "utterances": total, "left_out": left,
                                              "left_out_share": share}, self.engine.global_steps)
 
-    def _log(self, step: int, meter: ThroughputMeter, load_sum: torch.Tensor | None) -> None:
+    def _log(self, step: int, meter: ThroughputMeter, load_sum: torch.Tensor | None, eta: float | None) -> None:
         stats = meter.report()
         stats["lr"] = self.scheduler.get_last_lr()[0]
         grad_norm = self._last_grad_norm()
@@ -337,8 +338,10 @@ class Trainer:
             stats["cuda_graph_shapes"] = sum(len(r.graphs) for r in self.graphed_layers)
             stats["cuda_graph_eager_calls"] = sum(r.eager_calls for r in self.graphed_layers)
             optional += f"graphs {stats['cuda_graph_shapes']} (eager {stats['cuda_graph_eager_calls']}) "
+        progress = f"step {step}/{self.cfg.train.max_steps} eta {format_duration(eta)}" if eta is not None \
+            else f"step {step}"
         self.reporter.line(
-            f"epoch {self.epoch} step {step} {losses} lr {stats['lr']:.2e} grad_norm {stats['grad_norm']:.3f} "
+            f"epoch {self.epoch} {progress} {losses} lr {stats['lr']:.2e} grad_norm {stats['grad_norm']:.3f} "
             f"frames/s {stats['frames_per_s']:.0f} audio_s/s {stats['audio_s_per_s']:.1f} "
             f"data_wait {100 * stats['data_wait_frac']:.0f}% in_step {100 * stats['in_step_frac']:.0f}% "
             f"TFLOP/s/GPU {stats['tflops_per_gpu']:.2f} {optional}"
