@@ -152,9 +152,14 @@ def test_restarting_one_stream_leaves_the_others_and_starts_it_afresh():
                 torch.testing.assert_close(out[slot:slot + 1], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_fixed_shapes_need_a_bounded_left_context():
+def test_fixed_shapes_and_their_graphs_refuse_what_they_cannot_hold():
+    encoder = tiny_model("tiny_dense").encoder
     with pytest.raises(ValueError, match="bounded number of left chunks"):
-        FixedShapeStream(tiny_model("tiny_dense").encoder, 2, chunk_size=4, num_left_chunks=-1)
+        FixedShapeStream(encoder, 2, chunk_size=4, num_left_chunks=-1)
+    with pytest.raises(ValueError, match="--left-chunks >= 0"):
+        StreamGraphs(encoder, 16, -1)
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
+        StreamGraphs(encoder, 16, 4)
 
 
 @pytest.mark.gpu
@@ -175,13 +180,14 @@ def test_graphed_chunk_step_equals_eager(preset, dtype, monkeypatch):
         for _ in range(2):  # the second batch replays the graph captured for the first
             graphed, graphed_valid = encode_with_fixed_shapes(graphs.stream(4), feats, lens)
             assert torch.equal(graphed_valid, eager_valid) and torch.equal(graphed_valid, growing_valid)
-            torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+            # The same kernels on the same shapes; only a library's choice under capture may differ.
+            torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
         tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 0.05, "atol": 0.05}
         torch.testing.assert_close(graphed[graphed_valid].float(), growing[growing_valid].float(), **tolerance)
         # Through the decoding path, with a second batch size (a second graph).
         with_graphs = decode_batch(model, feats[:3], lens[:3], ["ctc_greedy", "attention_rescoring"], opts, graphs)
-        fixed_eager = {"ctc_greedy": ctc_greedy_search(model.ctc.log_softmax(eager[:3]), eager_valid[:3].sum(1))}
-        assert with_graphs["ctc_greedy"] == fixed_eager["ctc_greedy"]
+        eager3, eager3_valid = encode_with_fixed_shapes(FixedShapeStream(model.encoder, 3, 4, 2), feats[:3], lens[:3])
+        assert with_graphs["ctc_greedy"] == ctc_greedy_search(model.ctc.log_softmax(eager3), eager3_valid.sum(1))
         if dtype == torch.float32:
             assert with_graphs == decode_batch(model, feats[:3], lens[:3], ["ctc_greedy", "attention_rescoring"], opts)
     assert sorted(graphs.streams) == [3, 4]
