@@ -23,7 +23,7 @@ from ..data_prep.batching import static_batches
 from ..data_prep.errors import DataPrepError
 from ..data_prep.stats import DataStats
 from ..data_prep.tokenizer import Tokenizer, char_units
-from ..inference.decoding.arguments import add_decoding_arguments, add_input_arguments, options
+from ..inference.decoding.arguments import add_decoding_arguments, add_input_arguments, options, stream_graphs
 from ..inference.decoding.ctc_greedy import ctc_greedy_search
 from ..inference.decoding.ctc_prefix_beam import ctc_prefix_beam_search
 from ..inference.decoding.data import batch_fbank, decoding_data_config, read_utterances
@@ -99,21 +99,22 @@ def run_rtf(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
         cfg = load_config(preset).model
         torch.manual_seed(0)
         model = prepare_model(U2Model(cfg), args.device, args.dtype)
+        graphs = stream_graphs(args, model)
         results[preset] = {}
         for mode in modes:
-            _decode_group(model, warmup, mode, opts, data_cfg, ref_lengths, args.device)
+            _decode_group(model, warmup, mode, opts, graphs, data_cfg, ref_lengths, args.device)
             passes = []
             for _ in range(args.repeats):
                 _sync(args.device)
                 start = time.perf_counter()
                 for group in timed:
-                    _decode_group(model, group, mode, opts, data_cfg, ref_lengths, args.device)
+                    _decode_group(model, group, mode, opts, graphs, data_cfg, ref_lengths, args.device)
                 _sync(args.device)
                 passes.append((time.perf_counter() - start) / audio_seconds)
             rtf = statistics.median(passes)
             results[preset][mode] = {"rtf": rtf}
             logger.info("%s %s: RTF %.4f", preset, mode, rtf)
-        del model
+        del model, graphs
     baseline = "dense_225m" if "dense_225m" in results else presets[0]
     for preset in presets:
         for mode in modes:
@@ -127,9 +128,10 @@ def run_rtf(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
 
 
 @torch.inference_mode()
-def _decode_group(model, group, mode: str, opts, data_cfg, ref_lengths: dict[str, int], device: str) -> None:
+def _decode_group(model, group, mode: str, opts, graphs, data_cfg, ref_lengths: dict[str, int], device: str
+                  ) -> None:
     feats, lengths = batch_fbank([u.wave for u in group], data_cfg, device)
-    memory, valid = encode(model, feats.to(model_dtype(model)), lengths, opts)
+    memory, valid = encode(model, feats.to(model_dtype(model)), lengths, opts, graphs)
     out_lengths = valid.sum(dim=1)
     log_probs = model.ctc.log_softmax(memory)
     if mode == "ctc_greedy":
@@ -150,7 +152,9 @@ def _decode_group(model, group, mode: str, opts, data_cfg, ref_lengths: dict[str
 
 def _print_table(results, modes, baseline: str, num_utts: int, audio_seconds: float,
                  args: argparse.Namespace) -> None:
-    context = f"chunk {args.chunk_size}" if args.chunk_size > 0 else "full context"
+    context = f"chunk {args.chunk_size}, left chunks {args.left_chunks}" if args.chunk_size > 0 else "full context"
+    if args.cuda_graphs:
+        context += ", chunk step as a CUDA graph"
     print(f"RTF on {num_utts} utterances ({audio_seconds:.1f} s of audio), device {args.device}, "
           f"threads {args.threads}, batch {args.batch_size}, {args.dtype}, {context}, beam {args.beam}, "
           f"median of {args.repeats} pass(es)")

@@ -12,7 +12,7 @@ from .cmvn import GlobalCMVN
 from .embedding import RelPositionalEncoding
 from .encoder_layer import ConformerEncoderLayer
 from .mask import attention_mask, choose_chunk, make_non_pad_mask
-from .moe.layer import MoEFeedForward, stack_real_frames
+from .moe.layer import MoEFeedForward, stack_real_frames, static_shapes
 from .subsampling import Conv2dSubsampling
 
 
@@ -93,9 +93,8 @@ class ConformerEncoder(nn.Module):
         holds utterances of different lengths; None means all are real.
         Returns out [B, T', D], att_cache [L, B, H, kept, 2*d_k], cnn_cache [L, B, C, kernel-1].
         """
-        xs = self.embed(self.global_cmvn(xs))
         cached = att_cache.size(3) if att_cache.dim() == 5 and att_cache.size(0) > 0 else 0
-        xs, pos_emb = self.pos_enc(xs, cached + xs.size(1))
+        xs, pos_emb = self._embed_chunk(xs, cached)
         if key_valid is None:
             key_valid = torch.ones(xs.size(0), cached + xs.size(1), dtype=torch.bool, device=xs.device)
         mask = key_valid.unsqueeze(1).expand(-1, xs.size(1), -1)
@@ -113,3 +112,38 @@ class ConformerEncoder(nn.Module):
             new_att.append(att[:, :, keep_from:])
             new_cnn.append(cnn)
         return self.after_norm(xs), torch.stack(new_att), torch.stack(new_cnn)
+
+    @torch.jit.unused
+    def forward_chunk_in_place(self, xs: torch.Tensor, chunk_valid: torch.Tensor, att_cache: torch.Tensor,
+                               cnn_cache: torch.Tensor, cache_valid: torch.Tensor) -> torch.Tensor:
+        """forward_chunk with fixed shapes and no host reads, for a batch of streams that a CUDA
+        graph can replay: the caches are preallocated buffers of a bounded left context, read and
+        then overwritten in place, and masks stand for what is not there.
+
+        xs [B, W, F] as forward_chunk's; chunk_valid [B, T'] real frames of this chunk (False
+        past a stream's end); att_cache [L, B, H, Tc, 2*d_k], cnn_cache [L, B, C, kernel-1] and
+        cache_valid [B, Tc] (False: a slot not yet filled, or a frame past a stream's end) hold
+        the last Tc key frames, the latest last. Masked keys get zero attention weight, and
+        relative positions count from the latest frame, so a partly filled cache gives what
+        forward_chunk gives with the shorter cache it stands for. Returns out [B, T', D]; the
+        buffers then hold the cache for the next chunk.
+        """
+        cached = att_cache.size(3)
+        xs, pos_emb = self._embed_chunk(xs, cached)
+        key_valid = torch.cat([cache_valid, chunk_valid], dim=1)
+        mask = key_valid.unsqueeze(1).expand(-1, xs.size(1), -1)
+        with static_shapes(self.moe_ffns):  # padding removal would read its size on the host
+            for i, layer in enumerate(self.encoders):
+                xs, att, cnn = layer(xs, mask, pos_emb, chunk_valid, att_cache[i], cnn_cache[i])
+                # att is a new tensor (the cache joined to this chunk's keys): overwriting the
+                # buffer it was made from is safe.
+                att_cache[i].copy_(att[:, :, att.size(2) - cached:])
+                cnn_cache[i].copy_(cnn)
+        cache_valid.copy_(key_valid[:, key_valid.size(1) - cached:])
+        return self.after_norm(xs)
+
+    def _embed_chunk(self, xs: torch.Tensor, cached: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A chunk's fbank window -> its scaled frames and the relative positions of its
+        queries over `cached` earlier key frames and its own."""
+        xs = self.embed(self.global_cmvn(xs))
+        return self.pos_enc(xs, cached + xs.size(1))

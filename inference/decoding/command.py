@@ -13,7 +13,7 @@ from ...data_prep.progress_bar import progress_bar
 from ...data_prep.stats import DataStats
 from ...data_prep.tokenizer import Tokenizer
 from ..model_file import load_model_file
-from .arguments import options
+from .arguments import options, stream_graphs
 from .data import batch_fbank, decoding_data_config, read_utterances
 from .device import model_dtype, prepare_model
 from .scoring import score
@@ -31,6 +31,7 @@ def run_decode(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer("char", units)  # units are fixed; decoding only joins them into text
     data_cfg = decoding_data_config(config, source=f"{args.model}:config")
     opts = options(args)
+    graphs = stream_graphs(args, model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stats = DataStats()
@@ -42,7 +43,7 @@ def run_decode(args: argparse.Namespace) -> int:
         utts = read_utterances(data_cfg, stats, shards=args.shards, data_dir=args.data_dir)
         for batch in static_batches(progress_bar(utts, "decode", unit="utt"), args.batch_size):
             feats, lengths = batch_fbank([u.wave for u in batch], data_cfg, args.device)
-            result = decode_batch(model, feats.to(dtype), lengths, modes, opts)
+            result = decode_batch(model, feats.to(dtype), lengths, modes, opts, graphs)
             for m in modes:
                 for utt, ids in zip(batch, result[m]):
                     text = tokenizer.decode(ids)

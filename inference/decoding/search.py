@@ -6,7 +6,9 @@ from dataclasses import dataclass
 import torch
 
 from ...model.asr_model import U2Model
+from ..streaming.cuda_graph import StreamGraphs
 from ..streaming.encoder_stream import encode_chunk_by_chunk
+from ..streaming.fixed_stream import encode_with_fixed_shapes
 from .attention_beam import attention_beam_search
 from .ctc_greedy import ctc_greedy_search
 from .ctc_prefix_beam import ctc_prefix_beam_search
@@ -32,9 +34,12 @@ def check_modes(modes: list[str]) -> list[str]:
     return modes
 
 
-def encode(model: U2Model, feats: torch.Tensor, feats_lengths: torch.Tensor, opts: DecodeOptions
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoder output [B, T', D] and valid frames [B, T']; chunk by chunk when streaming."""
+def encode(model: U2Model, feats: torch.Tensor, feats_lengths: torch.Tensor, opts: DecodeOptions,
+           graphs: StreamGraphs | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder output [B, T', D] and valid frames [B, T']; chunk by chunk when streaming, with
+    the chunk step replayed as a CUDA graph where `graphs` (of opts' chunk setting) is given."""
+    if graphs is not None:
+        return encode_with_fixed_shapes(graphs.stream(feats.size(0)), feats, feats_lengths)
     if opts.chunk_size > 0:
         return encode_chunk_by_chunk(model.encoder, feats, feats_lengths, opts.chunk_size, opts.left_chunks)
     return model.encoder(feats, feats_lengths)
@@ -42,9 +47,9 @@ def encode(model: U2Model, feats: torch.Tensor, feats_lengths: torch.Tensor, opt
 
 @torch.inference_mode()
 def decode_batch(model: U2Model, feats: torch.Tensor, feats_lengths: torch.Tensor, modes: list[str],
-                 opts: DecodeOptions) -> dict[str, list[list[int]]]:
+                 opts: DecodeOptions, graphs: StreamGraphs | None = None) -> dict[str, list[list[int]]]:
     """Unit ids per utterance for each requested mode; the encoder and CTC run once."""
-    memory, valid = encode(model, feats, feats_lengths, opts)
+    memory, valid = encode(model, feats, feats_lengths, opts, graphs)
     return decode_encoded(model, memory, valid, modes, opts)
 
 

@@ -1,6 +1,9 @@
 """The MoE feed-forward block, a drop-in replacement for `PositionwiseFeedForward`."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -102,6 +105,20 @@ class MoEFeedForward(nn.Module):
         self._routed_groups = state.groups
         self.aux_loss = routing.aux_loss
         return _to_all_frames(y, flat, index).view_as(x)
+
+
+@contextmanager
+def static_shapes(layers: list[MoEFeedForward]) -> Iterator[None]:
+    """Within the block, every one of `layers` runs with static shapes (`use_static_shapes`);
+    each gets its own setting back afterwards."""
+    before = [layer.static_shapes for layer in layers]
+    for layer in layers:
+        layer.use_static_shapes()
+    try:
+        yield
+    finally:
+        for layer, enabled in zip(layers, before):
+            layer.use_static_shapes(enabled)
 
 
 def real_frame_positions(valid: torch.Tensor | None) -> torch.Tensor | None:
