@@ -199,8 +199,12 @@ def test_incremental_decoder_step_equals_the_full_forward_at_the_last_position(p
             torch.testing.assert_close(logits, full[:, t], rtol=1e-5, atol=1e-5)
 
 
-def _recomputing_beam_search(model, memory, valid, beam, max_len):
-    """Beam search that reruns the decoder over each whole prefix, one utterance at a time."""
+def _recomputing_beam_search(model, memory, valid, beam, max_len, by_sum=False):
+    """Beam search that reruns the decoder over each whole prefix, one utterance at a time,
+    ranking hypotheses by log-probability per unit (<eos> counted, <sos> not), or by their sum."""
+    def per_unit(c):
+        return c[1] if by_sum else c[1] / (len(c[0]) - 1)
+
     results = []
     for b in range(memory.size(0)):
         mem = memory[b:b + 1, :int(valid[b].sum())]
@@ -214,17 +218,17 @@ def _recomputing_beam_search(model, memory, valid, beam, max_len):
                                                     torch.tensor([hyp]), torch.tensor([len(hyp)]))
                 logp = F.log_softmax(logits[0, -1].float(), dim=-1)
                 cands += [(hyp + (u,), score_ + float(logp[u])) for u in range(logp.numel())]
-            cands.sort(key=lambda c: c[1], reverse=True)
+            cands.sort(key=per_unit, reverse=True)
             live = []
             for hyp, score_ in cands[:beam]:
                 (ended if hyp[-1] == model.eos else live).append((hyp, score_))
-            # Ended hypotheses compete with live ones for the beam, as extensions with <eos> at no cost.
-            pool = sorted(ended + live, key=lambda c: c[1], reverse=True)[:beam]
+            # Ended hypotheses compete with live ones for the beam at the score they ended with.
+            pool = sorted(ended + live, key=per_unit, reverse=True)[:beam]
             ended = [c for c in pool if c[0][-1] == model.eos]
             live = [c for c in pool if c[0][-1] != model.eos]
             if not live:
                 break
-        best = max(ended + live, key=lambda c: c[1])[0][1:]
+        best = max(ended + live, key=per_unit)[0][1:]
         results.append(list(best[:-1] if best and best[-1] == model.eos else best))
     return results
 
@@ -238,6 +242,22 @@ def test_incremental_attention_beam_search_equals_a_recomputing_one(preset):
         memory, valid = model.encoder(feats, lens)
         got = attention_beam_search(model, memory, valid, beam=3, max_len=5)
         assert got == _recomputing_beam_search(model, memory, valid, beam=3, max_len=5)
+
+
+def test_a_likely_early_end_does_not_outrank_longer_hypotheses_of_higher_probability_per_unit():
+    model = tiny_model("tiny_dense")
+    with torch.no_grad():
+        # At every step one unit is the likeliest (about 0.5) and <eos> next (about 0.2).
+        bias = model.decoder.left_decoder.output_layer.bias
+        bias[5] += 6.0
+        bias[model.eos] += 5.0
+        g = torch.Generator().manual_seed(11)
+        memory, valid = model.encoder(torch.randn(2, 80, 80, generator=g), torch.tensor([80, 64]))
+        got = attention_beam_search(model, memory, valid, beam=4, max_len=8)
+        by_sum = _recomputing_beam_search(model, memory, valid, beam=4, max_len=8, by_sum=True)
+    assert got == _recomputing_beam_search(model, memory, valid, beam=4, max_len=8)
+    # By the sum the bare <eos> wins; per unit the longer hypotheses do.
+    assert by_sum == [[], []] and all(len(hyp) > 0 for hyp in got)
 
 
 @pytest.mark.parametrize("preset,chunk", [("tiny_dense", -1), ("tiny_moe", -1), ("tiny_moe", 4)])

@@ -17,7 +17,12 @@ def attention_beam_search(model: U2Model, memory: torch.Tensor, valid: torch.Ten
     """memory [B, T, D], valid [B, T] -> best unit ids per utterance (<sos>/<eos> removed).
 
     A hypothesis ends at <eos> or at its utterance's encoder length (capped by max_len), as in
-    WeNet, so an utterance decodes the same alone or in a padded batch.
+    WeNet, so an utterance decodes the same alone or in a padded batch. Hypotheses are ranked by
+    their log-probability per unit (<eos> counted), not their sum as in WeNet: an ended
+    hypothesis competes with the live ones for the beam at the score it ended with, so by the
+    sum a short one outranks every longer one that has paid for more units, and a wider beam
+    finds more such early endings (an undertrained decoder's output then loses its tail). Among
+    live hypotheses, all of one length, the ranking is the sum's.
     """
     b, device = memory.size(0), memory.device
     sos = eos = model.sos
@@ -36,6 +41,7 @@ def attention_beam_search(model: U2Model, memory: torch.Tensor, valid: torch.Ten
     scores[:, 1:] = -float("inf")
     scores = scores.view(-1)
     ended = torch.zeros(b * beam, dtype=torch.bool, device=device)
+    lengths = torch.zeros(b * beam, device=device)  # units of each hypothesis, <eos> included
     for step in range(1, int(limits.max()) + 2):
         ended = ended | (limits < step)
         if bool(ended.all()):
@@ -47,15 +53,18 @@ def attention_beam_search(model: U2Model, memory: torch.Tensor, valid: torch.Ten
         finished[:, eos] = 0.0
         logp = torch.where(ended.unsqueeze(1), finished, logp)
         vocab = logp.size(1)
-        cand = (scores.unsqueeze(1) + logp).view(b, beam * vocab)
-        top_scores, top_idx = cand.topk(beam, dim=1)
+        new_lengths = torch.where(ended, lengths, torch.full_like(lengths, step))
+        cand = scores.unsqueeze(1) + logp
+        per_unit = (cand / new_lengths.unsqueeze(1)).view(b, beam * vocab)
+        top_idx = per_unit.topk(beam, dim=1).indices
         parent = (top_idx // vocab + torch.arange(b, device=device).unsqueeze(1) * beam).view(-1)
         token = (top_idx % vocab).view(-1)
         hyps = torch.cat([hyps.index_select(0, parent), token.unsqueeze(1)], dim=1)
         caches = [cache.index_select(0, parent) for cache in caches]
-        scores = top_scores.view(-1)
+        scores = cand.view(b, beam * vocab).gather(1, top_idx).view(-1)
+        lengths = new_lengths.index_select(0, parent)
         ended = ended.index_select(0, parent) | (token == eos)
-    best = scores.view(b, beam).argmax(dim=1) + torch.arange(b, device=device) * beam
+    best = (scores / lengths.clamp(min=1)).view(b, beam).argmax(dim=1) + torch.arange(b, device=device) * beam
     results = []
     for row in hyps.index_select(0, best).tolist():
         body = row[1:]
