@@ -4,8 +4,9 @@ Stages (each timed; a second run reuses what is prepared):
   1 corpus   shipped sentences (demo/sentences.txt) spoken by espeak-ng with many
              voices, rates and pitches -> Kaldi dirs train/dev/test (held-out sentences)
   2 prep     `u2moe prep shards` (x3), `prep units` (characters), `prep cmvn`
-  3 train    `u2moe train` (tiny_moe) under torchrun: every GPU, or 2 CPU processes with expert
-             parallelism 2; bounded by wall time (--max-minutes)
+  3 train    `u2moe train` (tiny_moe) under torchrun: one process per GPU (expert parallel), or one
+             CPU process on every core; a fixed number of steps (--max-steps), seeded, so that
+             the result is the same on a slow or busy machine, only later
   4 export   `u2moe export`, averaging the last checkpoints
   5 decode   `u2moe decode` with the four modes on the test set (CER/WER), then the real-time
              factor of each mode (1 thread on the CPU, batch 1; fbank + encoder + search)
@@ -37,19 +38,33 @@ from .corpus import CorpusError, CorpusSpec, generate
 
 MODES = ("ctc_greedy", "ctc_prefix_beam", "attention", "attention_rescoring")
 
-# The demo's changes to the tiny_moe preset: learn fast on clean synthetic speech.
+# The demo's changes to the tiny_moe preset: learn fast on clean synthetic speech, in a fixed
+# number of steps (the same result on a slow or busy machine, only later).
+DEMO_STEPS = 1800
+NO_DROPOUT = [f"model.encoder.{k}=0.0" for k in ("dropout_rate", "positional_dropout_rate",
+                                               "attention_dropout_rate", "ffn.dropout_rate")] + [
+    f"model.decoder.{k}=0.0" for k in ("dropout_rate", "positional_dropout_rate", "self_attention_dropout_rate",
+                                       "src_attention_dropout_rate", "ffn.dropout_rate")]
 DEMO_SETS = [
-    "model.encoder.use_dynamic_chunk=false",  # full context only: the demo decodes non-streaming
-    "model.ctc_weight=0.5",  # CTC learns first here; the decoders catch up later
+    # Full context only, as the demo decodes: no chunk masks, and a convolution that looks ahead.
+    "model.encoder.use_dynamic_chunk=false",
+    "model.encoder.causal=false",
+    # A narrow front-end: at 128 channels its second convolution is a third of the step on a CPU.
+    "model.encoder.subsampling_channels=32",
+    "model.decoder.num_blocks=2",  # one block learns to attend too slowly to decode on its own
+    *NO_DROPOUT,  # a short run on clean speech: dropout's random masks cost time and slow learning
+    "model.ctc_weight=0.5",
     "data.spec_aug.enabled=false",
+    # Small batches, many steps: a run this short gains more from updates than from larger batches.
     "data.batch.max_frames_in_batch=2400",
     "data.filter.max_frames=2400",
     "data.batch.shuffle_buffer=1000",
     "optim.lr=0.003",
-    "optim.warmup_steps=150",
+    "optim.warmup_steps=300",
+    "optim.schedule=cosine",  # to zero at the last step: a known length ends at a low rate
     "train.max_epochs=100",
-    "train.num_workers=0",  # 2 cores, 2 ranks: a loader process per rank only competes
-    "train.log_interval=10",
+    "train.num_workers=0",  # the training process uses every core already
+    "train.log_interval=50",
     "train.keep_checkpoints=3",
 ]
 # --tiny-test: a model and corpus small enough for CI (every stage, a few steps).
@@ -88,20 +103,24 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _env(threads: int = 1) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
 
 
 def _u2moe(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "u2moe", *args]
 
 
-def _run(cmd: list[str], log: Path, show=None) -> None:
+def _run(cmd: list[str], log: Path, show=None, threads: int = 1) -> None:
     """Run a command, keep its whole output in `log`, print the lines `show` accepts."""
     log.parent.mkdir(parents=True, exist_ok=True)
     _log("$ " + " ".join(cmd))
     with log.open("a", buffering=1) as f, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                               text=True, env=_env(), bufsize=1) as proc:
+                                               text=True, env=_env(threads), bufsize=1) as proc:
         tail: list[str] = []
         for line in proc.stdout:
             f.write(line)
@@ -115,11 +134,12 @@ def _run(cmd: list[str], log: Path, show=None) -> None:
 
 
 def _devices() -> tuple[int, bool]:
-    """(processes, on GPU): every GPU, or 2 CPU processes."""
+    """(processes, on GPU): one per GPU, or one CPU process using every core (on a CPU, several
+    gloo processes spend a large share of a small model's step exchanging tokens and gradients)."""
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return (gpus, True) if gpus else (2, False)
+    return (gpus, True) if gpus else (1, False)
 
 
 def expert_parallel_size(world: int, experts: int = 8) -> int:
@@ -127,11 +147,10 @@ def expert_parallel_size(world: int, experts: int = 8) -> int:
     return max(p for p in range(1, min(world, experts) + 1) if world % p == 0 and experts % p == 0)
 
 
-def _ds_config(path: Path, gpu: bool) -> Path:
-    cfg = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 200000000,
-                                 "allgather_bucket_size": 200000000, "overlap_comm": True,
-                                 "contiguous_gradients": True, "reduce_scatter": True},
-           "wall_clock_breakdown": False}
+def _ds_config(path: Path, nproc: int, gpu: bool) -> Path:
+    zero = {"stage": 2, "reduce_bucket_size": 200000000, "allgather_bucket_size": 200000000, "overlap_comm": True,
+            "contiguous_gradients": True, "reduce_scatter": True} if nproc > 1 else {"stage": 0}
+    cfg = {"zero_optimization": zero, "wall_clock_breakdown": False}
     if gpu:
         import torch
 
@@ -189,9 +208,9 @@ def stage_train(demo: Demo, data: dict[str, Path]) -> dict:
     if a.nproc:
         nproc = a.nproc
     ep = expert_parallel_size(nproc)
-    where = f"{nproc} GPU(s)" if gpu else f"{nproc} CPU processes (gloo)"
-    budget = f"{a.max_steps} steps" if a.max_steps else f"{a.train_minutes:g} minutes"
-    demo.banner(3, "train", f"u2moe train tiny_moe on {where}, expert parallelism {ep}, {budget}")
+    threads = 1 if gpu else cpu_cores()
+    where = f"{nproc} GPU(s)" if gpu else f"{nproc} CPU process(es), {threads} thread(s)"
+    demo.banner(3, "train", f"u2moe train tiny_moe on {where}, expert parallelism {ep}, {a.max_steps} steps")
     t0 = time.monotonic()
     exp = demo.work / "exp"
     sets = DEMO_SETS + (TINY_TEST_SETS if a.tiny_test else []) + [
@@ -199,7 +218,7 @@ def stage_train(demo: Demo, data: dict[str, Path]) -> dict:
         f"train.expert_parallel_size={ep}"] + list(a.set)
     corpus = json.loads((demo.work / "corpus" / ".done.json").read_text())["fingerprint"]
     units = (data["units"] / "units.txt").read_text(encoding="utf-8")
-    fingerprint = {"sets": sets, "nproc": nproc, "max_steps": a.max_steps, "minutes": a.train_minutes,
+    fingerprint = {"sets": sets, "nproc": nproc, "max_steps": a.max_steps,
                    "corpus": corpus, "units": hashlib.sha256(units.encode()).hexdigest()[:16]}
     marker = exp / "demo_train_done.json"
     if marker.is_file():
@@ -211,15 +230,15 @@ def stage_train(demo: Demo, data: dict[str, Path]) -> dict:
         _log(f"{exp} was trained with other options or data: training again from scratch")
         shutil.rmtree(exp)
     exp.mkdir(parents=True, exist_ok=True)
-    ds = _ds_config(demo.work / "ds_config.json", gpu)
+    ds = _ds_config(demo.work / "ds_config.json", nproc, gpu)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     cmd = launcher + ["-m", "u2moe", "train", "--config", "tiny_moe", "--ds-config", str(ds),
                       "--train-shards", str(data["train"]), "--dev-shards", str(data["dev"]),
-                      "--units", str(data["units"]), "--cmvn", str(data["cmvn"]), "--exp-dir", str(exp)]
-    cmd += ["--max-steps", str(a.max_steps)] if a.max_steps else ["--max-minutes", f"{a.train_minutes:g}"]
+                      "--units", str(data["units"]), "--cmvn", str(data["cmvn"]), "--exp-dir", str(exp),
+                      "--max-steps", str(a.max_steps)]
     for item in sets:
         cmd += ["--set", item]
-    _run(cmd, exp / "train.log", show=_show_train_line)
+    _run(cmd, exp / "train.log", show=_show_train_line, threads=threads)
     info = _train_summary(exp)
     info["fingerprint"] = fingerprint
     marker.write_text(json.dumps(info, indent=1) + "\n")
@@ -323,8 +342,11 @@ def print_summary(demo: Demo, train: dict, report: dict) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    if args.tiny_test and not args.max_steps:
+    if args.tiny_test and args.max_steps == DEMO_STEPS:
         args.max_steps = 4
+    if args.max_steps < 1:
+        print(f"u2moe demo: error: --max-steps must be >= 1, got {args.max_steps}", file=sys.stderr)
+        return 2
     work = Path(args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     demo = Demo(args, work)
@@ -348,15 +370,16 @@ def run_demo(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole path (corpus, prep, train, export, decode) on a generated corpus")
     p.add_argument("--work-dir", default="demo_work", help="everything goes here; a rerun reuses it")
-    p.add_argument("--train-minutes", type=float, default=11.0, help="training wall-time budget")
-    p.add_argument("--max-steps", type=int, default=0, help="train this many steps instead of --train-minutes")
+    p.add_argument("--max-steps", type=int, default=DEMO_STEPS,
+                   help="training steps (a fixed number, so that a busy machine takes longer, not learns less)")
     p.add_argument("--units", default="char", choices=("char", "bpe"),
                    help="output units (bpe learns much slower on a corpus this small: its CTC can stay blank "
                         "through the demo's budget)")
     p.add_argument("--vocab-size", type=int, default=300, help="size of the bpe unit table")
     p.add_argument("--voices", type=int, default=3, help="speakers per training sentence")
-    p.add_argument("--average", type=int, default=2, help="checkpoints averaged by the export")
-    p.add_argument("--nproc", type=int, default=0, help="training processes (default: every GPU, or 2 on CPU)")
+    p.add_argument("--average", type=int, default=3, help="checkpoints averaged by the export")
+    p.add_argument("--nproc", type=int, default=0,
+                   help="training processes (default: one per GPU, or one CPU process using every core)")
     p.add_argument("--jobs", type=int, default=2, help="parallel processes for corpus generation and prep")
     p.add_argument("--rtf-utts", type=int, default=40, help="test utterances timed for the RTF")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -1,6 +1,6 @@
 """`u2moe demo --tiny-test`: every stage of the demo on a CI-sized corpus and model.
 
-The full demo (about 15 minutes on 2 CPU cores) is not run here; this checks that each stage
+The full demo (about 10 minutes on 2 CPU cores) is not run here; this checks that each stage
 runs and leaves its outputs, that the summary prints, and that a second run reuses everything.
 """
 from __future__ import annotations
@@ -36,6 +36,14 @@ def test_split_holds_out_sentences_with_known_words():
     assert len(utts["train"]) == spec.train_voices * len(splits["train"])
     assert len({u["speaker"] for u in utts["train"]}) > 50
     assert plan(spec) == utts  # deterministic
+
+
+def test_a_step_count_below_one_is_refused_before_anything_is_written(tmp_path):
+    work = tmp_path / "work"
+    out = subprocess.run([sys.executable, "-m", "u2moe", "demo", "--max-steps", "0", "--work-dir", str(work)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--max-steps must be >= 1, got 0" in out.stderr
+    assert not work.exists()
 
 
 def test_expert_parallel_size():
