@@ -31,6 +31,7 @@ from ..inference.decoding.device import model_dtype, prepare_model
 from ..inference.decoding.rescoring import attention_rescoring
 from ..inference.decoding.search import check_modes, encode
 from ..model.asr_model import U2Model
+from .handler import logged_run
 
 logger = logging.getLogger("u2moe.bench.rtf")
 
@@ -50,17 +51,7 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--units", default=None, help="units dir (u2moe prep units) to count reference tokens; "
                    "default: character units of the transcript")
     p.add_argument("--json", default=None, help="also write {preset: {mode: {rtf, ratio}}} here")
-    p.set_defaults(handler=_handler)
-
-
-def _handler(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        run_rtf(args)
-    except (ValueError, ConfigError, DataPrepError, OSError) as err:
-        logger.error("%s", err)
-        return 2
-    return 0
+    p.set_defaults(handler=logged_run(run_rtf, logger, (ValueError, ConfigError, DataPrepError, OSError)))
 
 
 def _reference_lengths(texts: list[str], units_dir: str | None) -> list[int]:

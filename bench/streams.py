@@ -35,6 +35,7 @@ from ..inference.decoding.device import DTYPES, prepare_model
 from ..inference.streaming.cuda_graph import CapturedStep, refuse_ungraphable
 from ..inference.streaming.fixed_stream import FixedShapeStream
 from ..model.asr_model import U2Model
+from .handler import logged_run
 
 logger = logging.getLogger("u2moe.bench.streams")
 
@@ -57,17 +58,7 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", type=float, default=1 / 16, help="bisection ends when the streams that "
                    "miss real time are within this fraction above those that keep it")
     p.add_argument("--json", default=None, help="also write the results, every batch size tried, here")
-    p.set_defaults(handler=_handler)
-
-
-def _handler(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        run_streams(args)
-    except (ValueError, ConfigError) as err:
-        logger.error("%s", err)
-        return 2
-    return 0
+    p.set_defaults(handler=logged_run(run_streams, logger, (ValueError, ConfigError)))
 
 
 @dataclass
