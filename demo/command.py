@@ -342,8 +342,8 @@ def print_summary(demo: Demo, train: dict, report: dict) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    if args.tiny_test and args.max_steps == DEMO_STEPS:
-        args.max_steps = 4
+    if args.max_steps is None:
+        args.max_steps = 4 if args.tiny_test else DEMO_STEPS
     if args.max_steps < 1:
         print(f"u2moe demo: error: --max-steps must be >= 1, got {args.max_steps}", file=sys.stderr)
         return 2
@@ -370,8 +370,9 @@ def run_demo(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole path (corpus, prep, train, export, decode) on a generated corpus")
     p.add_argument("--work-dir", default="demo_work", help="everything goes here; a rerun reuses it")
-    p.add_argument("--max-steps", type=int, default=DEMO_STEPS,
-                   help="training steps (a fixed number, so that a busy machine takes longer, not learns less)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help=f"training steps (default: {DEMO_STEPS}; 4 with --tiny-test): a fixed number, so that a "
+                        "busy machine takes longer, not learns less")
     p.add_argument("--units", default="char", choices=("char", "bpe"),
                    help="output units (bpe learns much slower on a corpus this small: its CTC can stay blank "
                         "through the demo's budget)")
