@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_presets_side_by_side_are_decoded_at_their_common_step(tmp_path):
-    data = prepare_corpus(tmp_path / "data", train_utts=24, dev_utts=4)
+    prepare_corpus(tmp_path / "data", train_utts=24, dev_utts=4)
     (tmp_path / "data" / "test").symlink_to(tmp_path / "data" / "dev")
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
