@@ -14,6 +14,7 @@ from torch import nn
 
 from ..activation import ACTIVATIONS
 from ..autocast import compute_dtype
+from ..packed_linear import PackedWeights, packed_linear, packing_applies
 from .backends import GEMMS, ExpertGroups, GroupedGemm, backend_override, select_backend
 
 # Each activation as a function, and its backward from its input as autograd computes it.
@@ -70,6 +71,9 @@ class ExpertFFN(torch.autograd.Function):
 
 
 class GroupedExperts(nn.Module):
+    # Decoding's packed copies of the weights (packed_linear): derived, never saved or scripted.
+    __jit_ignored_attributes__ = ["packed"]
+
     def __init__(self, num_experts: int, dim: int, hidden_units: int, activation: str,
                  dropout_rate: float):
         super().__init__()
@@ -85,6 +89,7 @@ class GroupedExperts(nn.Module):
         self.b2 = nn.Parameter(torch.empty(num_experts, dim))
         self.activation = ACTIVATIONS[activation]()
         self.dropout = nn.Dropout(dropout_rate)
+        self.packed = PackedWeights()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -104,12 +109,29 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
         """x [M, dim] grouped by expert (`groups`) -> [M, dim]."""
         dtype = compute_dtype(x)
+        if self.backend == "auto" and packing_applies(self, x, dtype):
+            return self._forward_packed(x.to(dtype), groups.sizes, dtype)
         backend = select_backend(self.backend, x.device, dtype, tuple(self.w1.shape[1:]))
         if x.size(0) == 0:
             backend = "reference"  # nothing to compute: its per-expert loop runs no kernel on zero rows
         dropout = self.dropout.p if self.training else 0.0
         return ExpertFFN.apply(x, self.w1, self.b1, self.w2, self.b2, groups, GEMMS[backend],
                                self.activation_name, dropout, dtype)
+
+    def _forward_packed(self, x: torch.Tensor, sizes: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """Decoding on a CPU: each expert's two products on its packed weights (`packed_linear`),
+        the experts with no rows skipped (their weights are not read); unrouted rows zero."""
+        packed = self.packed.get((self.w1, self.w2), dtype,
+                                 lambda: [w.t() for w in self.w1] + [w.t() for w in self.w2])
+        b1, b2 = self.b1.to(dtype), self.b2.to(dtype)
+        out = x.new_zeros(x.shape)
+        start = 0
+        for e, rows in enumerate(sizes):
+            if rows:
+                h = self.activation(packed_linear(x[start:start + rows], packed[e], b1[e]))
+                out[start:start + rows] = packed_linear(h, packed[self.num_experts + e], b2[e])
+            start += rows
+        return out
 
     def forward_sparse(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
                        ) -> torch.Tensor:
