@@ -54,7 +54,7 @@ def assert_close(y: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float) -
 
 
 @pytest.mark.parametrize("dtype,rtol,atol", DTYPES)
-@pytest.mark.parametrize("num_experts,top_k", [(1, 1), (4, 2), (8, 2)])
+@pytest.mark.parametrize("num_experts,top_k", [(1, 1), (4, 2), (8, 2), (3, 3)])
 @pytest.mark.parametrize("padded,static_shapes", [(False, False), (True, False), (True, True)])
 def test_moe_decoding_matches_direct_computation(dtype, rtol, atol, num_experts, top_k, padded, static_shapes):
     moe = moe_layer(num_experts, top_k).to(dtype)

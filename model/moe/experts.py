@@ -109,8 +109,6 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
         """x [M, dim] grouped by expert (`groups`) -> [M, dim]."""
         dtype = compute_dtype(x)
-        if self.backend == "auto" and packing_applies(self, x, dtype):
-            return self._forward_packed(x.to(dtype), groups.sizes, dtype)
         backend = select_backend(self.backend, x.device, dtype, tuple(self.w1.shape[1:]))
         if x.size(0) == 0:
             backend = "reference"  # nothing to compute: its per-expert loop runs no kernel on zero rows
@@ -118,20 +116,34 @@ class GroupedExperts(nn.Module):
         return ExpertFFN.apply(x, self.w1, self.b1, self.w2, self.b2, groups, GEMMS[backend],
                                self.activation_name, dropout, dtype)
 
-    def _forward_packed(self, x: torch.Tensor, sizes: list[int], dtype: torch.dtype) -> torch.Tensor:
-        """Decoding on a CPU: each expert's two products on its packed weights (`packed_linear`),
-        the experts with no rows skipped (their weights are not read); unrouted rows zero."""
+    def decodes_packed(self, x: torch.Tensor) -> bool:
+        """Whether x takes `forward_packed`: decoding on a CPU (`packing_applies`) with the backend
+        left to "auto"."""
+        return self.backend == "auto" and packing_applies(self, x, compute_dtype(x))
+
+    def forward_packed(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Decoding on a CPU: x [N, dim] unpermuted, expert_ids / weights [N, k] from the router
+        -> [N, dim]. The (frame, slot) pairs grouped by expert with one stable sort, each expert's
+        two products on its packed weights (`packed_linear`), experts with no pairs skipped (their
+        weights are not read), the weighted outputs summed back onto their frames. Few ops: at
+        batch 1 the layer's fixed cost is a sizeable part of its time."""
+        dtype = compute_dtype(x)
         packed = self.packed.get((self.w1, self.w2), dtype,
                                  lambda: [w.t() for w in self.w1] + [w.t() for w in self.w2])
         b1, b2 = self.b1.to(dtype), self.b2.to(dtype)
-        out = x.new_zeros(x.shape)
+        ids = expert_ids.reshape(-1)
+        order = torch.sort(ids, stable=True).indices
+        frames = torch.div(order, expert_ids.size(1), rounding_mode="floor")
+        rows = x.to(dtype).index_select(0, frames)
+        y = rows.new_empty(rows.shape)
         start = 0
-        for e, rows in enumerate(sizes):
-            if rows:
-                h = self.activation(packed_linear(x[start:start + rows], packed[e], b1[e]))
-                out[start:start + rows] = packed_linear(h, packed[self.num_experts + e], b2[e])
-            start += rows
-        return out
+        for e, count in enumerate(torch.bincount(ids, minlength=self.num_experts).tolist()):
+            if count:
+                h = self.activation(packed_linear(rows[start:start + count], packed[e], b1[e]))
+                y[start:start + count] = packed_linear(h, packed[self.num_experts + e], b2[e])
+            start += count
+        y = y * weights.reshape(-1).index_select(0, order).to(dtype).unsqueeze(1)
+        return y.new_zeros(x.size(0), y.size(1)).index_add_(0, frames, y)
 
     def forward_sparse(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
                        ) -> torch.Tensor:
