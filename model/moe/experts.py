@@ -14,6 +14,7 @@ from torch import nn
 
 from ..activation import ACTIVATIONS
 from ..autocast import compute_dtype
+from ..packed_linear import PackedWeights, packed_linear, packing_applies
 from .backends import GEMMS, ExpertGroups, GroupedGemm, backend_override, select_backend
 
 # Each activation as a function, and its backward from its input as autograd computes it.
@@ -70,6 +71,9 @@ class ExpertFFN(torch.autograd.Function):
 
 
 class GroupedExperts(nn.Module):
+    # Decoding's packed copies of the weights (packed_linear): derived, never saved or scripted.
+    __jit_ignored_attributes__ = ["packed"]
+
     def __init__(self, num_experts: int, dim: int, hidden_units: int, activation: str,
                  dropout_rate: float):
         super().__init__()
@@ -85,6 +89,7 @@ class GroupedExperts(nn.Module):
         self.b2 = nn.Parameter(torch.empty(num_experts, dim))
         self.activation = ACTIVATIONS[activation]()
         self.dropout = nn.Dropout(dropout_rate)
+        self.packed = PackedWeights()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -110,6 +115,35 @@ class GroupedExperts(nn.Module):
         dropout = self.dropout.p if self.training else 0.0
         return ExpertFFN.apply(x, self.w1, self.b1, self.w2, self.b2, groups, GEMMS[backend],
                                self.activation_name, dropout, dtype)
+
+    def decodes_packed(self, x: torch.Tensor) -> bool:
+        """Whether x takes `forward_packed`: decoding on a CPU (`packing_applies`) with the backend
+        left to "auto"."""
+        return self.backend == "auto" and packing_applies(self, x, compute_dtype(x))
+
+    def forward_packed(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Decoding on a CPU: x [N, dim] unpermuted, expert_ids / weights [N, k] from the router
+        -> [N, dim]. The (frame, slot) pairs grouped by expert with one stable sort, each expert's
+        two products on its packed weights (`packed_linear`), experts with no pairs skipped (their
+        weights are not read), the weighted outputs summed back onto their frames. Few ops: at
+        batch 1 the layer's fixed cost is a sizeable part of its time."""
+        dtype = compute_dtype(x)
+        packed = self.packed.get((self.w1, self.w2), dtype,
+                                 lambda: [w.t() for w in self.w1] + [w.t() for w in self.w2])
+        b1, b2 = self.b1.to(dtype), self.b2.to(dtype)
+        ids = expert_ids.reshape(-1)
+        order = torch.sort(ids, stable=True).indices
+        frames = torch.div(order, expert_ids.size(1), rounding_mode="floor")
+        rows = x.to(dtype).index_select(0, frames)
+        y = rows.new_empty(rows.shape)
+        start = 0
+        for e, count in enumerate(torch.bincount(ids, minlength=self.num_experts).tolist()):
+            if count:
+                h = self.activation(packed_linear(rows[start:start + count], packed[e], b1[e]))
+                y[start:start + count] = packed_linear(h, packed[self.num_experts + e], b2[e])
+            start += count
+        y = y * weights.reshape(-1).index_select(0, order).to(dtype).unsqueeze(1)
+        return y.new_zeros(x.size(0), y.size(1)).index_add_(0, frames, y)
 
     def forward_sparse(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
                        ) -> torch.Tensor:

@@ -73,6 +73,8 @@ class MoEFeedForward(nn.Module):
         real_frames: `real_frame_positions(valid)` when the caller has it (`stack_real_frames`)."""
         if torch.jit.is_scripting() or self.experts.backend == "export":
             return self._forward_inference(x, valid)
+        if self.experts.decodes_packed(x):
+            return self._forward_packed(x, valid, real_frames)
         return self._forward_dispatch(x, valid, real_frames)
 
     def _forward_inference(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -84,6 +86,18 @@ class MoEFeedForward(nn.Module):
         index = real_frame_positions(valid)
         tokens = _real_frames(flat, index)
         y = self.experts.forward_sparse(tokens, *self.router.select(tokens))
+        return _to_all_frames(y, flat, index).view_as(x)
+
+    @torch.jit.unused
+    def _forward_packed(self, x: torch.Tensor, valid: torch.Tensor | None,
+                        real_frames: torch.Tensor | None) -> torch.Tensor:
+        """Decoding on a CPU (GroupedExperts.forward_packed): the real frames routed as in eval
+        mode, through the experts' packed weights. Sets neither the routed groups nor `aux_loss`;
+        padding is removed whether or not static shapes were asked for (no CUDA graph here)."""
+        flat = x.reshape(-1, x.size(-1))
+        index = real_frames if real_frames is not None else real_frame_positions(valid)
+        tokens = _real_frames(flat, index)
+        y = self.experts.forward_packed(tokens, *self.router.select(tokens))
         return _to_all_frames(y, flat, index).view_as(x)
 
     @torch.jit.unused

@@ -103,7 +103,8 @@ class TopKRouter(nn.Module):
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference routing as `forward` does it in eval mode (no noise, no loss), scriptable:
-        (expert_ids [N, k], weights [N, k] fp32). Used by the export path (`MoEFeedForward`)."""
+        (expert_ids [N, k], weights [N, k] fp32). Used by the export path and CPU decoding
+        (`MoEFeedForward`)."""
         return torch_top_k_softmax(F.linear(x.float(), self.weight.float()), self.top_k)
 
     def _load_balancing_loss(self, logits: torch.Tensor, expert_ids: torch.Tensor,
