@@ -53,7 +53,7 @@ def main() -> None:
                                   TrainPaths(args.train_shards, args.train_shards, args.units, args.cmvn,
                                              Path(exp_dir) / name, ds_config), info)
                     for name, ds_config, sets in args.variant}
-        _, batches = measure_loader(next(iter(trainers.values())), args.loader_batches)
+        _, batches = measure_loader(next(iter(trainers.values())), args.loader_batches, 1)
         for trainer in trainers.values():
             measure_steps(trainer, batches, len(batches))
         medians: dict[str, list[float]] = {name: [] for name in trainers}

@@ -60,7 +60,7 @@ def main() -> None:
     with distributed() as info, tempfile.TemporaryDirectory() as exp_dir:
         paths = TrainPaths(args.train_shards, args.train_shards, args.units, args.cmvn, Path(exp_dir), args.ds_config)
         trainer = Trainer(cfg, paths, info)
-        _, batches = measure_loader(trainer, 3)
+        _, batches = measure_loader(trainer, 3, 1)
         trainer.engine.train()
         for batch in batches[:2]:
             trainer.train_step(batch)

@@ -53,32 +53,45 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_loader(trainer: Any, max_batches: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """One pass over the training data (at most max_batches) with the next epoch prefetched as
-    the trainer does: rate, the first batch's wait in a cold epoch and in the prefetched one,
-    and the first batches for the step measurement."""
+def measure_loader(trainer: Any, max_batches: int, max_epochs: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Reads at most max_batches over at most max_epochs, epoch after epoch as training does (each
+    epoch's workers started while the one before is read). The cold start (shards opened, shuffle
+    and sort buffers filled before the first batch) is paid once per run and reported apart; the
+    rate counts from the first batch on. A worker holding less than its shuffle buffer yields
+    nothing until it has decoded all of it and then its whole epoch at once, so on a small corpus
+    only a pass over several epochs shows the rate that training sees. Also returns the first
+    batches, for the step measurement."""
     loader = trainer._loader(trainer.paths.train_shards, train=True)
     started = time.perf_counter()
-    first = None
-    audio = 0.0
+    first: float | None = None
+    audio = 0.0  # after the first batch
+    first_audio = 0.0
+    count = epochs = 0
+    epoch_waits: list[float] = []
     kept: list[dict[str, Any]] = []
-    batches = loader.epoch_batches(0)
-    for count, batch in enumerate(batches, 1):
-        if first is None:
-            first = time.perf_counter() - started
-        audio += sum(batch["durations"])
-        if len(kept) < 64:
-            kept.append(batch)
-        if count >= max_batches:
-            break
-    elapsed = time.perf_counter() - started
-    loader.set_epoch(1)
-    waited = time.perf_counter()
-    next(iter(loader))
-    waited = time.perf_counter() - waited
-    return {"loader_audio_s_per_s": audio / elapsed, "loader_audio_seconds": audio,
-            "loader_first_batch_s": first or 0.0, "loader_prefetched_first_batch_s": waited,
-            "loader_batches": count, "loader_seconds": elapsed}, kept
+    while epochs < max_epochs and count < max_batches:
+        epoch_started = time.perf_counter()
+        batches = loader.epoch_batches(epochs, prefetch_next=epochs + 1 < max_epochs)
+        epochs += 1
+        for index, batch in enumerate(batches):
+            now = time.perf_counter()
+            if first is None:
+                first, first_audio = now, sum(batch["durations"])
+            else:
+                audio += sum(batch["durations"])
+                if index == 0:
+                    epoch_waits.append(now - epoch_started)
+            if len(kept) < 64:
+                kept.append(batch)
+            count += 1
+            if count >= max_batches:
+                break
+    if first is None:
+        raise SystemExit(f"{trainer.paths.train_shards}: the loader yielded no batch")
+    elapsed = time.perf_counter() - first
+    return {"loader_audio_s_per_s": audio / elapsed if count > 1 else 0.0, "loader_audio_seconds": first_audio + audio,
+            "loader_first_batch_s": first - started, "loader_epoch_start_wait_s": max(epoch_waits, default=0.0),
+            "loader_batches": count, "loader_epochs": epochs, "loader_seconds": elapsed}, kept
 
 
 def _utterances(batch: dict[str, Any]) -> Iterator[tuple[str, float, list[int], torch.Tensor]]:
@@ -273,6 +286,8 @@ def profile_steps(trainer: Any, batches: list[dict[str, Any]], steps: int, out: 
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.loader_batches < 1 or args.loader_epochs < 1:
+        raise SystemExit("--loader-batches and --loader-epochs must be at least 1")
     cfg = load_training_config(args.config, args.set, args.units)
     with distributed() as info, tempfile.TemporaryDirectory() as exp_dir:
         cap_gpu_memory(info.device, args.max_gpu_memory_gb)
@@ -282,7 +297,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result: dict[str, Any] = {"config": args.config, "device": torch.cuda.get_device_name(info.device)
                                   if info.device.type == "cuda" else "cpu",
                                   "parameters": sum(p.numel() for p in trainer.model.parameters())}
-        loader, batches = measure_loader(trainer, args.loader_batches)
+        loader, batches = measure_loader(trainer, args.loader_batches, args.loader_epochs)
         result.update(loader)
         logger.info("loader: %s", json.dumps(loader))
         if args.utt_seconds:
@@ -322,6 +337,9 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="training step and input pipeline rates, host syncs, profile")
     add_model_and_data_arguments(p)
     p.add_argument("--loader-batches", type=int, default=200, help="batches read in the loader measurement")
+    p.add_argument("--loader-epochs", type=int, default=3,
+                   help="epochs the loader measurement reads at most (a small corpus needs several to show "
+                        "the rate training sees)")
     p.add_argument("--steps", type=int, default=50, help="training steps timed on in-memory batches")
     p.add_argument("--live-steps", type=int, default=0, metavar="STEPS",
                    help="also time this many steps fed by the running input pipeline")

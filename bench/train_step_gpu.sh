@@ -27,7 +27,7 @@ for preset in "$@"; do
     python3 - "$out/$name.json" <<'PY' || true
 import json, sys
 r = json.load(open(sys.argv[1]))
-keys = ("loader_audio_s_per_s", "loader_first_batch_s", "loader_prefetched_first_batch_s",
+keys = ("loader_audio_s_per_s", "loader_first_batch_s", "loader_epoch_start_wait_s",
         "step_audio_s_per_s", "step_ms_median", "step_tflops", "step_mfu",
         "batch_frames_mean", "gpu_busy_frac", "kernels_per_step", "profile_wall_ms_per_step")
 print(sys.argv[1].rsplit("/", 1)[-1], " ".join(f"{k}={r[k]:.3g}" for k in keys if k in r),
