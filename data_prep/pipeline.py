@@ -115,6 +115,10 @@ class AsrDataLoader(DataLoader):
         self.set_epoch(epoch)
         self._prefetched = (epoch, super().__iter__())
 
+    def drop_prefetch(self) -> None:
+        """Shut the prefetched epoch's workers down, for a reader that stops before reaching it."""
+        self._prefetched = None
+
     def epoch_batches(self, epoch: int, prefetch_next: bool = True) -> Iterator[dict[str, Any]]:
         """Epoch `epoch`'s batches, with the next epoch's workers started once this one's
         iteration has (`prefetch`), as training reads them."""

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import random
 import tarfile
+import time
 from collections import Counter
 
 import numpy as np
@@ -144,6 +146,18 @@ def test_prefetched_epoch_equals_a_fresh_one(corpus):
     loader.set_epoch(1)
     assert keys(loader) == fresh[1]
     assert loader.epoch_stats.utterances == len(fresh[1])
+
+    # A reader that stops early drops the prefetched epoch: its workers exit, and the epoch
+    # read later is still the same.
+    before = set(multiprocessing.active_children())
+    loader.prefetch(1)
+    assert len(set(multiprocessing.active_children()) - before) == 2
+    loader.drop_prefetch()
+    deadline = time.monotonic() + 30
+    while set(multiprocessing.active_children()) - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not set(multiprocessing.active_children()) - before
+    assert keys(loader) == fresh[1]
 
 
 def test_training_refuses_a_rank_without_shards(corpus):
