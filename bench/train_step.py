@@ -90,8 +90,9 @@ def measure_loader(trainer: Any, max_batches: int, max_epochs: int) -> tuple[dic
     loader.drop_prefetch()  # its workers would fill their buffers beside the timed steps
     if first is None:
         raise SystemExit(f"{trainer.paths.train_shards}: the loader yielded no batch")
-    return {"loader_audio_s_per_s": audio / elapsed if count > 1 else 0.0, "loader_audio_seconds": first_audio + audio,
-            "loader_first_batch_s": first - started, "loader_epoch_start_wait_s": max(epoch_waits, default=0.0),
+    return {"loader_audio_s_per_s": audio / elapsed if count > 1 else 0.0,
+            "loader_audio_seconds": first_audio + audio, "loader_first_batch_s": first - started,
+            "loader_epoch_start_wait_s": max(epoch_waits, default=0.0),
             "loader_batches": count, "loader_epochs": epochs, "loader_seconds": elapsed}, kept
 
 

@@ -483,8 +483,8 @@ def test_bench_train_reads_epochs_and_steps(corpus, tmp_path):
         del config_args[i:i + 2]
     out = tmp_path / "bench.json"
     # A process of its own: the bench sets up torch.distributed, as `u2moe train` does.
-    run([*cmd[:cmd.index("train")], "bench", "train", *config_args, "--loader-batches", "1000", "--loader-epochs", "2", "--steps", "2",
-         "--live-steps", "20", "--profile", "1", "--utt-seconds", "3", "--json", str(out)], timeout=300,
+    run([*cmd[:cmd.index("train")], "bench", "train", *config_args, "--loader-batches", "1000", "--loader-epochs", "2",
+         "--steps", "2", "--live-steps", "20", "--profile", "1", "--utt-seconds", "3", "--json", str(out)], timeout=300,
         log=tmp_path / "bench.log")
     result = json.loads(out.read_text())
     root = corpus["train"].parents[1] / "corpus"
